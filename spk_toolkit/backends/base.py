@@ -1,0 +1,107 @@
+"""Backend protocol and registry.
+
+A backend is an :class:`EmbeddingModel`: it maps a zero-padded batch of waveforms ``wav (B, T)`` float32 at
+``sample_rate`` Hz with true ``lengths (B,)`` in samples to embeddings ``(B, D)`` float32. Padding must be
+invisible: an utterance's embedding may not depend on what it was batched with (DESIGN.md property 1).
+
+Backends register by name with :func:`register_backend`; :func:`load_model` builds one by name. Heavy toolkits
+(espnet2, resemblyzer) are imported inside the backend's constructor so ``import spk_toolkit`` stays light.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Callable, Dict, Type
+
+import torch
+
+BACKENDS: Dict[str, Type["EmbeddingModel"]] = {}
+
+
+class EmbeddingModel(abc.ABC):
+    """A speaker-embedding model usable on padded batches.
+
+    Subclasses define ``name`` (registry key), ``sample_rate`` (Hz the model expects), ``embed_dim`` (D) and
+    :meth:`embed`. ``device`` is where the model's parameters live; inputs are moved there.
+    """
+
+    name: str = ""
+    sample_rate: int = 16000
+    embed_dim: int = 0
+    #: minimum true length in samples the model can embed; shorter utterances are reported as errors.
+    min_samples: int = 1
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+
+    @abc.abstractmethod
+    def embed(self, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Embed a padded batch.
+
+        Parameters
+        ----------
+        wav : torch.Tensor of shape (B, T), float32
+            Waveforms at :attr:`sample_rate` Hz, zero-padded after each utterance's true length.
+        lengths : torch.Tensor of shape (B,), int64
+            True lengths in samples; ``lengths.max() <= T``.
+
+        Returns
+        -------
+        torch.Tensor of shape (B, D), float32, on the CPU
+            One embedding per utterance, independent of the batch it came in.
+        """
+
+    def cost(self, num_samples: int) -> float:
+        """Relative compute cost of one utterance of ``num_samples`` samples (used for batch planning)."""
+        return float(num_samples)
+
+    def describe(self) -> dict:
+        """A JSON-serialisable description recorded in ``summary.json`` and the shard plan."""
+        return {"toolkit": self.name, "sample_rate": self.sample_rate, "embed_dim": self.embed_dim}
+
+
+def register_backend(cls: Type[EmbeddingModel]) -> Type[EmbeddingModel]:
+    """Class decorator: register ``cls`` under ``cls.name``.
+
+    Raises
+    ------
+    ValueError
+        If the name is empty or already registered.
+    """
+    if not cls.name:
+        raise ValueError(f"backend class {cls.__name__} has no name")
+    if cls.name in BACKENDS and BACKENDS[cls.name] is not cls:
+        raise ValueError(f"backend name {cls.name!r} registered twice ({BACKENDS[cls.name].__name__}, {cls.__name__})")
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def _import_all() -> None:
+    # Importing the modules registers the classes; the modules import their toolkits lazily.
+    from spk_toolkit.backends import espnet, resemblyzer  # noqa: F401
+
+
+def available_backends() -> list[str]:
+    """Names accepted by :func:`load_model` (sorted)."""
+    _import_all()
+    return sorted(BACKENDS)
+
+
+def load_model(toolkit: str = "resemblyzer", **kwargs) -> EmbeddingModel:
+    """Build a registered backend by name.
+
+    Parameters
+    ----------
+    toolkit : str
+        Registry name, one of :func:`available_backends` (``"resemblyzer"``, ``"espnet"``).
+    **kwargs
+        Passed to the backend's constructor (``device``, model paths, ...).
+
+    Raises
+    ------
+    ValueError
+        If ``toolkit`` is not registered; the message lists the registered names.
+    """
+    _import_all()
+    if toolkit not in BACKENDS:
+        raise ValueError(f"unknown toolkit {toolkit!r}; registered: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[toolkit](**kwargs)
