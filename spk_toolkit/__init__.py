@@ -1,1 +1,124 @@
-"""spk_toolkit."""
+"""spk_toolkit: dataset-scale speaker embedding extraction and open-set verification scoring.
+
+Python API (heavy modules load on first use, so ``import spk_toolkit`` is fast)::
+
+    import spk_toolkit
+    summary = spk_toolkit.extract_embeddings("data/fillets", "exp/fillets")         # resemblyzer, offline
+    emb = spk_toolkit.load_embeddings("exp/fillets/embeddings.npz")                # {utt_id: (D,) float32}
+    res = spk_toolkit.score_trials(emb, "data/fillets_trials.txt")                  # EER %, minDCF
+    model = spk_toolkit.load_model("resemblyzer"); model.embed(wav, lengths)       # (B, T), (B,) -> (B, D)
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "spk_toolkit.backends.base",
+    "available_backends": "spk_toolkit.backends.base",
+    "EmbeddingModel": "spk_toolkit.backends.base",
+    "load_embeddings": "spk_toolkit.io.readers",
+    "load_corpus": "spk_toolkit.io.datadir",
+    "Utterance": "spk_toolkit.io.datadir",
+    "CorpusError": "spk_toolkit.io.datadir",
+    "ExtractionError": "spk_toolkit.engine",
+    "ExtractOptions": "spk_toolkit.engine",
+    "AudioLoadingError": "spk_toolkit.io.audio",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'spk_toolkit' has no attribute {name!r}")
+
+
+def extract_embeddings(data, output_dir, toolkit: str = "resemblyzer", model=None, model_kwargs=None, **options):
+    """Extract one embedding per utterance of a corpus into ``output_dir``.
+
+    Runs in this process, or as one rank of a ``torchrun`` job when ``WORLD_SIZE`` > 1 (every rank calls this;
+    rank 0 merges). Resumes a previous run in ``output_dir`` (finished shards are skipped).
+
+    Parameters
+    ----------
+    data : path or sequence of Utterance
+        Kaldi data dir, ESPnet3 manifest TSV, audio tree ``root/<dataset>/<speaker>/<utt>.<ext>``, or records.
+    output_dir : path
+    toolkit : str
+        Backend registry name (``resemblyzer`` default, ``espnet``).
+    model : EmbeddingModel, optional
+        Use this backend instance instead of building one.
+    model_kwargs : dict, optional
+        Backend constructor arguments.
+    **options
+        :class:`spk_toolkit.engine.ExtractOptions` fields (``batch_bins``, ``num_workers``, ``output_format``,
+        ``on_error``, ``max_errors``, ``min_duration``, ``allow_pipes``, ``shard_duration``, ``overwrite``).
+
+    Returns
+    -------
+    dict or None
+        The run summary (``summary.json``); None on non-zero torchrun ranks.
+
+    Raises
+    ------
+    spk_toolkit.CorpusError
+        Malformed corpus, before any work starts.
+    spk_toolkit.ExtractionError
+        ``on_error="raise"`` met a bad utterance, too many errors, or a changed corpus/model in ``output_dir``.
+    """
+    from spk_toolkit import engine
+
+    return engine.extract(data, output_dir, toolkit=toolkit, model=model, model_kwargs=model_kwargs, **options)
+
+
+def score_trials(embeddings, trials, fmt: str = "auto", p_targets=(0.01, 0.05)) -> dict:
+    """Cosine-score a trial list and compute EER and minDCF (definitions in :mod:`spk_toolkit.metrics`).
+
+    Parameters
+    ----------
+    embeddings : dict or path
+        ``utt_id -> (D,)`` or anything :func:`load_embeddings` reads.
+    trials : path
+        Trial list in any supported format (:func:`spk_toolkit.io.trials.read_trials`).
+    fmt : str
+        Trial format or ``"auto"``.
+    p_targets : tuple of float
+        Prior target probabilities for minDCF (C_miss = C_fa = 1).
+
+    Returns
+    -------
+    dict
+        ``{"trials", "n_trials", "n_target", "n_nontarget", "eer_pct", "min_dcf": {p_target: value}}``
+        (metrics only when the list is labelled).
+
+    Raises
+    ------
+    ValueError
+        Trials name utterances missing from ``embeddings`` (count and examples in the message).
+    """
+    import numpy as np
+
+    from spk_toolkit.io.readers import load_embeddings
+    from spk_toolkit.io.trials import read_trials
+    from spk_toolkit.metrics import compute_metrics
+    from spk_toolkit.scoring import cosine_score
+
+    emb = embeddings if isinstance(embeddings, dict) else load_embeddings(embeddings)
+    tr = read_trials(trials, fmt=fmt)
+    scores = cosine_score(emb, tr)
+    out = {"trials": str(trials), "n_trials": int(len(scores))}
+    if tr.labels is not None:
+        m = compute_metrics(np.asarray(scores), np.asarray(tr.labels), p_targets=p_targets)
+        out.update(n_target=int(m["n_target"]), n_nontarget=int(m["n_nontarget"]), eer_pct=100.0 * m["eer"],
+                   min_dcf={float(k): float(v) for k, v in m["min_dcf"].items()})
+    return out
+
+
+def format_metrics(res: dict, name: str = "") -> str:
+    """One-line table of :func:`score_trials` results (EER in %)."""
+    if "eer_pct" not in res:
+        return f"{name}: {res['n_trials']} trials scored (unlabelled)"
+    dcf = "  ".join(f"minDCF(p_target={p:g})={v:.4f}" for p, v in res["min_dcf"].items())
+    return (f"{name}: EER={res['eer_pct']:.2f}%  {dcf}  "
+            f"({res['n_trials']} trials: {res['n_target']} target, {res['n_nontarget']} nontarget)")

@@ -50,6 +50,37 @@ class EmbeddingModel(abc.ABC):
             One embedding per utterance, independent of the batch it came in.
         """
 
+    def prepare(self, wav: "np.ndarray") -> "np.ndarray":
+        """Per-utterance CPU preparation run in DataLoader workers before batching (default: identity).
+
+        Parameters
+        ----------
+        wav : np.ndarray of shape (T,), float32 at :attr:`sample_rate` Hz
+
+        Returns
+        -------
+        np.ndarray of shape (T',), float32 (``T' <= T`` for a VAD)
+        """
+        return wav
+
+    def embed_waveforms(self, wavs: "list[np.ndarray]", batch_bins: int = 16000 * 240) -> "np.ndarray":
+        """Convenience: prepare, length-bucket and embed a list of 1-D waveforms at :attr:`sample_rate`.
+
+        Returns
+        -------
+        np.ndarray of shape (N, D), float32, in input order.
+        """
+        import numpy as np
+
+        from spk_toolkit.data import bucket_batches, collate
+
+        prepared = [self.prepare(np.asarray(w, dtype=np.float32)) for w in wavs]
+        out = np.zeros((len(prepared), self.embed_dim), dtype=np.float32)
+        for b in bucket_batches([len(x) for x in prepared], batch_bins):
+            batch = collate([(i, prepared[i], None) for i in b])
+            out[batch.indices] = self.embed(batch.wav, batch.lengths).numpy()
+        return out
+
     def cost(self, num_samples: int) -> float:
         """Relative compute cost of one utterance of ``num_samples`` samples (used for batch planning)."""
         return float(num_samples)
@@ -75,9 +106,15 @@ def register_backend(cls: Type[EmbeddingModel]) -> Type[EmbeddingModel]:
     return cls
 
 
+BUILTIN_MODULES = ("resemblyzer",)  # "espnet" joins when its module lands
+
+
 def _import_all() -> None:
     # Importing the modules registers the classes; the modules import their toolkits lazily.
-    from spk_toolkit.backends import espnet, resemblyzer  # noqa: F401
+    import importlib
+
+    for name in BUILTIN_MODULES:
+        importlib.import_module(f"spk_toolkit.backends.{name}")
 
 
 def available_backends() -> list[str]:

@@ -1,0 +1,29 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set up .venv first (idempotent).
+PY := .venv/bin/python
+DATA ?= data
+
+.PHONY: setup data demo test test-fast bench clean
+
+setup:
+	@bash bin/setup_env.sh
+
+data: setup
+	@bash bin/prepare_fillets.sh $(DATA)
+
+demo: setup data
+	$(PY) -m spk_toolkit.bin.spk_inference --config conf/inference.yaml \
+	    --data_dir $(DATA)/fillets_demo --output_dir exp/demo --trials $(DATA)/fillets_demo_trials.txt
+	$(PY) -m spk_toolkit.bin.spk_score --embeddings exp/demo/embeddings.npz \
+	    --trials $(DATA)/fillets_demo_trials.txt --output_dir exp/demo/scores
+
+test: setup data
+	$(PY) -m pytest -q -ra test
+
+test-fast: setup data
+	$(PY) -m pytest -q -m "not slow" test
+
+bench: setup data
+	$(PY) bench/extract_throughput.py
+
+clean:
+	rm -rf exp .pytest_cache

@@ -1,0 +1,1 @@
+"""Command-line entry points: argparse plus one library call each."""

@@ -1,0 +1,80 @@
+"""Extract one speaker embedding per utterance of a corpus; optionally score a trial list.
+
+Example::
+
+    python -m spk_toolkit.bin.spk_inference --data_dir data/fillets --output_dir exp/fillets \
+        --trials data/fillets_trials.txt
+    torchrun --nproc_per_node=2 -m spk_toolkit.bin.spk_inference --data_dir D --output_dir O
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from spk_toolkit.bin.cli import parse_args, setup_logging, str2bool
+
+
+def get_parser() -> argparse.ArgumentParser:
+    from spk_toolkit.engine import ExtractOptions
+    from spk_toolkit.io.writers import WRITERS
+
+    d = ExtractOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", required=True, help="Kaldi data dir, ESPnet3 manifest .tsv, or audio tree root")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--toolkit", default="resemblyzer", help="backend: resemblyzer (offline default) or espnet")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (torchrun ranks use their local rank)")
+    p.add_argument("--train_config", help="espnet: config.yaml of an ESPnet spk exp dir")
+    p.add_argument("--model_file", help="espnet: *.pth checkpoint")
+    p.add_argument("--model_tag", help="espnet: espnet_model_zoo tag (needs espnet_model_zoo and its cache)")
+    p.add_argument("--batch_bins", type=int, default=d.batch_bins, help="padded samples per batch (B*T)")
+    p.add_argument("--num_workers", type=int, default=d.num_workers, help="decoding DataLoader workers")
+    p.add_argument("--output_format", default="npz", help=f"comma list of {sorted(WRITERS)} (aliases: ark, h5, npy)")
+    p.add_argument("--on_error", choices=["skip", "raise"], default=d.on_error)
+    p.add_argument("--max_errors", type=int, default=d.max_errors, help="-1 = no limit")
+    p.add_argument("--min_duration", type=float, default=d.min_duration, help="seconds")
+    p.add_argument("--allow_pipes", type=str2bool, default=False, help="run wav.scp 'cmd |' entries")
+    p.add_argument("--shard_duration", type=float, default=d.shard_duration, help="seconds of audio per shard")
+    p.add_argument("--overwrite", type=str2bool, default=False, help="discard a previous run in output_dir")
+    p.add_argument("--trials", action="append", default=None, help="trial list(s) to score (any supported format)")
+    p.add_argument("--trials_format", default="auto")
+    p.add_argument("--progress", type=str2bool, default=True)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parse_args(get_parser(), argv)
+    setup_logging(args.verbose)
+    import spk_toolkit
+
+    model_kwargs = {"device": args.device}
+    if args.toolkit == "espnet":
+        model_kwargs.update(train_config=args.train_config, model_file=args.model_file, model_tag=args.model_tag)
+    try:
+        summary = spk_toolkit.extract_embeddings(
+            args.data_dir, args.output_dir, toolkit=args.toolkit, model_kwargs=model_kwargs,
+            batch_bins=args.batch_bins, num_workers=args.num_workers, output_format=args.output_format,
+            on_error=args.on_error, max_errors=args.max_errors, min_duration=args.min_duration,
+            allow_pipes=args.allow_pipes, shard_duration=args.shard_duration, overwrite=args.overwrite,
+            progress=args.progress,
+        )
+    except (spk_toolkit.ExtractionError, spk_toolkit.CorpusError) as e:
+        print(f"spk_inference: error: {e}", file=sys.stderr)
+        return 1
+    if summary is None:  # a non-zero torchrun rank: rank 0 reports
+        return 0
+    from spk_toolkit.engine import format_summary
+
+    print(format_summary(summary))
+    for t in args.trials or []:
+        res = spk_toolkit.score_trials(summary["outputs"].get("npz") or args.output_dir, t, fmt=args.trials_format)
+        print(spk_toolkit.format_metrics(res, name=t))
+        with open(f"{args.output_dir}/metrics.json", "w") as f:
+            json.dump(res, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Dataset, length-bucketed batching bounded by padded samples, and collate.
+
+Decoding, resampling and per-utterance preparation (e.g. resemblyzer's VAD) run in DataLoader workers;
+each batch carries true lengths so backends can mask padding (DESIGN.md properties 1 and 3).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from spk_toolkit.io.audio import AudioLoadingError, read_audio
+from spk_toolkit.io.datadir import Utterance
+
+Samples = int
+
+
+@dataclasses.dataclass
+class Batch:
+    """A padded batch.
+
+    Attributes
+    ----------
+    wav : torch.Tensor of shape (B, T), float32
+        Zero-padded waveforms at the model's rate.
+    lengths : torch.Tensor of shape (B,), int64
+        True lengths in samples.
+    indices : list of int, length B
+        Positions of the utterances in the dataset.
+    errors : list of (int, str)
+        ``(dataset index, reason)`` of utterances of this batch that failed to load (not in ``wav``).
+    tag : object
+        Whatever the sampler attached (the engine puts the shard index here).
+    """
+
+    wav: torch.Tensor
+    lengths: torch.Tensor
+    indices: List[int]
+    errors: List[tuple]
+    tag: object = None
+
+
+class UtteranceDataset(torch.utils.data.Dataset):
+    """Decodes utterances to mono float32 at ``sample_rate`` and applies ``prepare``.
+
+    ``__getitem__`` never raises for bad audio: it returns ``(index, None, reason)`` so one bad file costs one
+    ``errors.tsv`` line, not the batch.
+
+    Parameters
+    ----------
+    utts : sequence of Utterance
+    sample_rate : int
+        Target rate in Hz.
+    prepare : callable, optional
+        ``np.ndarray (T,) -> np.ndarray (T',)`` per-utterance preparation (backend-specific).
+    min_samples : int
+        Utterances shorter than this (after preparation) are errors.
+    allow_pipes : bool
+        Run ``cmd |`` entries of ``wav.scp``.
+    """
+
+    def __init__(
+        self,
+        utts: Sequence[Utterance],
+        sample_rate: int,
+        prepare: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        min_samples: int = 1,
+        allow_pipes: bool = False,
+    ):
+        self.utts = utts
+        self.sample_rate = sample_rate
+        self.prepare = prepare
+        self.min_samples = max(int(min_samples), 1)
+        self.allow_pipes = allow_pipes
+        self.decoded = 0  # items this process decoded (counted per worker; see tests of rank-local decoding)
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    def load(self, i: int) -> np.ndarray:
+        """Decode and prepare utterance ``i``.
+
+        Raises
+        ------
+        AudioLoadingError
+            Unreadable or invalid audio, too short, or silent (every sample zero).
+        """
+        u = self.utts[i]
+        self.decoded += 1
+        x, _ = read_audio(u.path, self.sample_rate, u.start, u.end, allow_pipes=self.allow_pipes)
+        if len(x) < self.min_samples:
+            raise AudioLoadingError(
+                u.path, f"too short: {len(x) / self.sample_rate:.3f} s < {self.min_samples / self.sample_rate:.3f} s"
+            )
+        if not np.any(x):
+            raise AudioLoadingError(u.path, "silent audio (every sample is zero)")
+        if self.prepare is not None:
+            x = self.prepare(x)
+            if len(x) < self.min_samples:
+                raise AudioLoadingError(
+                    u.path, f"too short after preparation (VAD): {len(x) / self.sample_rate:.3f} s"
+                )
+        return x
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.load(i), None
+        except AudioLoadingError as e:
+            return i, None, e.reason
+
+
+def bucket_batches(lengths: Sequence[int], batch_bins: Samples, max_batch_size: int = 0) -> List[List[int]]:
+    """Group items into batches of similar length bounded by padded samples.
+
+    Items are sorted by length (longest first, ties by index) and cut greedily so that
+    ``len(batch) * max(lengths in batch) <= batch_bins`` (a single item longer than ``batch_bins`` forms its
+    own batch). Deterministic.
+
+    Parameters
+    ----------
+    lengths : sequence of int, length N
+        Estimated length of each item in samples.
+    batch_bins : int
+        Bound on padded samples per batch ``B * T``.
+    max_batch_size : int
+        Optional bound on ``B`` (0 = none).
+
+    Returns
+    -------
+    list of list of int
+        Item indices per batch; every index appears exactly once.
+
+    Raises
+    ------
+    ValueError
+        ``batch_bins`` < 1.
+    """
+    if batch_bins < 1:
+        raise ValueError(f"batch_bins must be >= 1, got {batch_bins}")
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        L = max(int(lengths[i]), 1)
+        longest = max(cur_max, L)
+        if cur and (longest * (len(cur) + 1) > batch_bins or (max_batch_size and len(cur) >= max_batch_size)):
+            batches.append(cur)
+            cur, longest = [], L
+        cur.append(i)
+        cur_max = longest
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Fraction of padded samples in ``batches``: ``1 - sum(lengths) / sum(B * T_max)`` (0 = no padding)."""
+    total = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    return 0.0 if total == 0 else 1.0 - sum(lengths[i] for b in batches for i in b) / total
+
+
+def collate(items: List[tuple], tag=None) -> Batch:
+    """Pad decoded items ``(index, wav (T,) or None, reason)`` into a :class:`Batch`."""
+    good = [(i, x) for i, x, err in items if x is not None]
+    errors = [(i, err) for i, x, err in items if x is None]
+    lengths = torch.tensor([len(x) for _, x in good], dtype=torch.int64)
+    T = int(lengths.max()) if len(good) else 0
+    wav = torch.zeros(len(good), T, dtype=torch.float32)
+    for row, (_, x) in enumerate(good):
+        wav[row, : len(x)] = torch.from_numpy(x)
+    return Batch(wav, lengths, [i for i, _ in good], errors, tag)
+
+
+class TaggedBatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset over precomputed batches: item k = the collated batch ``batches[k]``.
+
+    Used with ``batch_size=None`` so each DataLoader worker decodes whole batches, and batches come back in
+    plan order.
+    """
+
+    def __init__(self, dataset: UtteranceDataset, batches: List[List[int]], tags: Optional[List] = None):
+        self.dataset, self.batches = dataset, batches
+        self.tags = tags if tags is not None else [None] * len(batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, k):
+        return collate([self.dataset[i] for i in self.batches[k]], self.tags[k])
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def batch_loader(dataset: UtteranceDataset, batches, tags=None, num_workers: int = 1, prefetch_factor: int = 4):
+    """A DataLoader yielding :class:`Batch` objects in the order of ``batches`` (workers decode ahead)."""
+    ds = TaggedBatchDataset(dataset, batches, tags)
+    kw = dict(num_workers=num_workers, batch_size=None, shuffle=False, collate_fn=lambda b: b)
+    if num_workers > 0:
+        kw.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
+    return torch.utils.data.DataLoader(ds, **kw)

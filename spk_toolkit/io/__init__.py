@@ -1,0 +1,1 @@
+"""Corpus, audio, trial and embedding I/O."""

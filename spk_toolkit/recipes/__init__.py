@@ -1,0 +1,1 @@
+"""Corpus preparation recipes (kept apart from the core, as lhotse does)."""
