@@ -1,0 +1,588 @@
+"""Trial scoring on unique keys: cosine, mean subtraction, speaker means, AS-norm and S-norm.
+
+Every embedding is normalised once into a row of a matrix; trials are scored by gathering rows by index,
+block by block, so memory stays bounded at millions of trials. Cohort statistics for score normalisation are
+computed once per unique enrollment/test utterance with chunked matrix products and ``np.argpartition``-style
+top-N selection, never per trial.
+
+References
+----------
+.. [1] P. Matějka et al., "Analysis of score normalization in multilingual speaker recognition",
+       Interspeech 2017 (adaptive symmetric score normalisation, AS-norm).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from spk_toolkit.io.trials import KeyResolution, Trials, resolve_keys
+
+__all__ = [
+    "EmbeddingTable",
+    "cosine_score",
+    "score_trials",
+    "cohort_stats",
+    "as_norm",
+    "average_embeddings",
+    "speaker_means",
+    "read_utt2spk",
+    "read_spk2utt",
+]
+
+TrialsLike = Union[Trials, tuple]
+Embeddings = Mapping[str, np.ndarray]
+
+
+class EmbeddingTable:
+    """Embeddings as one matrix with a key index.
+
+    Parameters
+    ----------
+    embeddings : mapping str -> ndarray of shape (D,) or (n_crops, D)
+        (n_crops, D) values are averaged over crops.
+    dtype : numpy dtype, default=float64
+
+    Attributes
+    ----------
+    keys : list of str, (n_utts,)
+    matrix : ndarray of shape (n_utts, D)
+    index : dict str -> int
+
+    Raises
+    ------
+    ValueError
+        Empty mapping, inconsistent dimensions, or non-finite values (the message names keys).
+    """
+
+    def __init__(self, embeddings: Embeddings, dtype=np.float64):
+        if isinstance(embeddings, EmbeddingTable):
+            self.keys, self.matrix = embeddings.keys, embeddings.matrix.astype(dtype, copy=False)
+        else:
+            if len(embeddings) == 0:
+                raise ValueError("embeddings is empty (0 keys)")
+            self.keys = list(embeddings.keys())
+            vals = []
+            dims = {}
+            for k in self.keys:
+                v = np.asarray(embeddings[k], dtype=dtype)  # average crops in the working precision
+                if v.ndim == 2:
+                    v = v.mean(axis=0)
+                if v.ndim != 1:
+                    raise ValueError(f"embedding {k!r} has shape {v.shape}; expected (D,) or (n_crops, D)")
+                dims.setdefault(v.shape[0], k)
+                vals.append(v)
+            if len(dims) > 1:
+                raise ValueError(f"embeddings have different dimensions: {{dim: example key}} = {dims}")
+            self.matrix = np.stack(vals).astype(dtype, copy=False)
+        bad = ~np.isfinite(self.matrix).all(axis=1)
+        if bad.any():
+            ex = [self.keys[i] for i in np.flatnonzero(bad)[:5]]
+            raise ValueError(f"{int(bad.sum())} embeddings contain NaN/inf, e.g. {ex}")
+        self.index = {k: i for i, k in enumerate(self.keys)}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _as_trials(trials: TrialsLike) -> Trials:
+    if isinstance(trials, Trials):
+        return trials
+    if isinstance(trials, tuple) and len(trials) in (2, 3):
+        return Trials(*trials)
+    raise TypeError(f"trials must be a Trials or an (enroll, test[, labels]) tuple, got {type(trials).__name__}")
+
+
+def _normalise_rows(x: np.ndarray, keys: Sequence[str], mean: Optional[np.ndarray] = None) -> np.ndarray:
+    if mean is not None:
+        mean = np.asarray(mean, dtype=x.dtype)
+        if mean.shape != (x.shape[1],):
+            raise ValueError(f"mean must have shape ({x.shape[1]},), got {mean.shape}")
+        x = x - mean
+    norms = np.linalg.norm(x, axis=1)
+    zero = norms == 0
+    if zero.any():
+        ex = [keys[i] for i in np.flatnonzero(zero)[:5]]
+        raise ValueError(f"{int(zero.sum())} embeddings have zero norm (after mean subtraction), e.g. {ex}")
+    return x / norms[:, None]
+
+
+def _gather_dot(a: np.ndarray, ia: np.ndarray, b: np.ndarray, ib: np.ndarray, block_size: int) -> np.ndarray:
+    out = np.empty(ia.shape[0], dtype=np.float64)
+    for s in range(0, ia.shape[0], block_size):
+        e = slice(s, s + block_size)
+        out[e] = np.einsum("ij,ij->i", a[ia[e]], b[ib[e]])
+    return out
+
+
+class _Prepared:
+    """Trials resolved to rows of a normalised matrix holding only the keys the trials use."""
+
+    def __init__(self, embeddings, trials: Trials, mean, root, on_missing, dtype):
+        table = embeddings if isinstance(embeddings, EmbeddingTable) else EmbeddingTable(embeddings, dtype)
+        res: KeyResolution = resolve_keys(trials, table.keys, root=root, on_missing=on_missing)
+        used, inv = np.unique(np.concatenate([res.enroll_idx, res.test_idx]), return_inverse=True)
+        n = res.enroll_idx.shape[0]
+        self.resolution = res
+        self.keys = [table.keys[i] for i in used]
+        self.matrix = _normalise_rows(table.matrix[used].astype(dtype, copy=False), self.keys, mean)
+        self.enroll_idx = inv[:n]
+        self.test_idx = inv[n:]
+
+
+def cosine_score(
+    embeddings: Embeddings,
+    trials: TrialsLike,
+    *,
+    mean: Optional[np.ndarray] = None,
+    root: Optional[str] = None,
+    on_missing: str = "error",
+    block_size: int = 65536,
+) -> np.ndarray:
+    """Cosine similarity for every trial.
+
+    Parameters
+    ----------
+    embeddings : mapping str -> ndarray (D,) or (n_crops, D), or EmbeddingTable
+    trials : Trials or (enroll, test) tuple of str sequences of shape (n_trials,)
+    mean : ndarray of shape (D,), optional
+        Subtracted from every embedding before length normalisation (e.g. the mean of a training set).
+    root : str, optional
+        Root prefix stripped from trial keys (see :func:`spk_toolkit.io.trials.resolve_keys`).
+    on_missing : {"error", "drop"}, default="error"
+        With ``"drop"``, dropped trials score NaN.
+    block_size : int, default=65536
+        Trials gathered per block (memory ~ 2 * block_size * D * 8 bytes).
+
+    Returns
+    -------
+    scores : ndarray of float64, shape (n_trials,)
+        Cosine similarity in [-1, 1], in trial order.
+
+    Raises
+    ------
+    MissingKeysError
+        A trial key has no embedding (count and examples in the message).
+    ValueError
+        Inconsistent dimensions, NaN embeddings, zero-norm embeddings.
+    """
+    return score_trials(embeddings, trials, mean=mean, root=root, on_missing=on_missing, block_size=block_size)
+
+
+def cohort_stats(
+    x: np.ndarray, cohort: np.ndarray, top_n: Optional[int], *, block_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each row's top-N cohort scores.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, D)
+        Length-normalised embeddings.
+    cohort : ndarray of shape (n_cohort, D)
+        Length-normalised cohort embeddings.
+    top_n : int or None
+        Number of highest cohort scores kept per row; None or >= n_cohort keeps all (S-norm).
+    block_size : int, default=4096
+        Rows per matrix product (memory ~ block_size * n_cohort * 8 bytes).
+
+    Returns
+    -------
+    mean, std : ndarray of shape (n,)
+        ``std`` is the population standard deviation (ddof=0, as WeSpeaker ``score_norm.py``).
+    """
+    n_c = cohort.shape[0]
+    k = n_c if top_n is None or top_n >= n_c else int(top_n)
+    mu = np.empty(x.shape[0])
+    sd = np.empty(x.shape[0])
+    ct = np.ascontiguousarray(cohort.T)
+    for s in range(0, x.shape[0], block_size):
+        sc = x[s : s + block_size] @ ct
+        if k < n_c:
+            sc = np.partition(sc, n_c - k, axis=1)[:, n_c - k :]
+        mu[s : s + block_size] = sc.mean(axis=1)
+        sd[s : s + block_size] = sc.std(axis=1)
+    return mu, sd
+
+
+def score_trials(
+    embeddings: Embeddings,
+    trials: TrialsLike,
+    *,
+    cohort: Optional[Union[Embeddings, np.ndarray]] = None,
+    top_n: Optional[int] = 300,
+    mean: Optional[np.ndarray] = None,
+    root: Optional[str] = None,
+    on_missing: str = "error",
+    block_size: int = 65536,
+    cohort_block_size: int = 4096,
+    dtype=np.float64,
+    return_raw: bool = False,
+):
+    """Cosine scores, optionally AS-norm / S-norm normalised against a cohort.
+
+    AS-norm (Matějka et al. 2017 [1]): for each side, the mean μ and standard deviation σ of its top-N
+    cohort scores; s' = ½ [(s − μ_e)/σ_e + (s − μ_t)/σ_t]. With ``top_n=None`` (whole cohort) this is S-norm.
+    Cohort statistics are computed once per unique utterance used by the trials.
+
+    Parameters
+    ----------
+    embeddings : mapping str -> ndarray (D,) or (n_crops, D), or EmbeddingTable
+    trials : Trials or (enroll, test) tuple of shape (n_trials,)
+    cohort : mapping or ndarray of shape (n_cohort, D), optional
+        Cohort embeddings (utterances or speaker means, e.g. from :func:`speaker_means`). None = plain cosine.
+    top_n : int or None, default=300
+        AS-norm top-N; None = S-norm.
+    mean : ndarray of shape (D,), optional
+        Subtracted from embeddings and cohort before length normalisation.
+    root, on_missing : see :func:`spk_toolkit.io.trials.resolve_keys`
+    block_size : int, default=65536
+        Trials per gather block.
+    cohort_block_size : int, default=4096
+        Utterances per cohort matrix product.
+    dtype : numpy dtype, default=float64
+        Matrix dtype; float32 halves the cohort product time at ~1e-7 precision.
+    return_raw : bool, default=False
+        Also return the raw cosine scores.
+
+    Returns
+    -------
+    scores : ndarray of float64, shape (n_trials,)
+        In trial order; NaN for trials dropped with ``on_missing="drop"``.
+    raw : ndarray of shape (n_trials,), only when ``return_raw``
+
+    Raises
+    ------
+    MissingKeysError, ValueError
+        See :func:`cosine_score`; also an empty cohort or a cohort of another dimension.
+    """
+    trials = _as_trials(trials)
+    prep = _Prepared(embeddings, trials, mean, root, on_missing, dtype)
+    raw_kept = _gather_dot(prep.matrix, prep.enroll_idx, prep.matrix, prep.test_idx, block_size)
+    out_kept = raw_kept
+    if cohort is not None:
+        if isinstance(cohort, np.ndarray):
+            c = np.asarray(cohort, dtype=dtype)
+            ckeys = [f"cohort[{i}]" for i in range(c.shape[0])]
+        else:
+            ct = cohort if isinstance(cohort, EmbeddingTable) else EmbeddingTable(cohort, dtype)
+            c, ckeys = ct.matrix.astype(dtype, copy=False), ct.keys
+        if c.ndim != 2 or c.shape[0] == 0:
+            raise ValueError(f"cohort must be a non-empty (n_cohort, D) matrix, got shape {c.shape}")
+        if c.shape[1] != prep.matrix.shape[1]:
+            raise ValueError(f"cohort dimension {c.shape[1]} differs from embedding dimension {prep.matrix.shape[1]}")
+        c = _normalise_rows(c, ckeys, mean)
+        mu, sd = cohort_stats(prep.matrix, c, top_n, block_size=cohort_block_size)
+        if (sd == 0).any():
+            raise ValueError(f"{int((sd == 0).sum())} utterances have zero cohort score deviation; enlarge top_n")
+        ie, it = prep.enroll_idx, prep.test_idx
+        out_kept = 0.5 * ((raw_kept - mu[ie]) / sd[ie] + (raw_kept - mu[it]) / sd[it])
+    kept = prep.resolution.kept
+    if kept.all():
+        return (out_kept, raw_kept) if return_raw else out_kept
+    out = np.full(len(trials), np.nan)
+    out[kept] = out_kept
+    if return_raw:
+        raw = np.full(len(trials), np.nan)
+        raw[kept] = raw_kept
+        return out, raw
+    return out
+
+
+def as_norm(embeddings, trials, cohort, *, top_n: Optional[int] = 300, **kwargs) -> np.ndarray:
+    """AS-norm scores (S-norm with ``top_n=None``); see :func:`score_trials`."""
+    return score_trials(embeddings, trials, cohort=cohort, top_n=top_n, **kwargs)
+
+
+def average_embeddings(
+    embeddings: Embeddings, groups: Mapping[str, Sequence[str]], *, normalize: bool = False
+) -> dict:
+    """Average groups of utterance embeddings (speaker means; ESPnet's emb-avg enrollment).
+
+    Parameters
+    ----------
+    embeddings : mapping str -> ndarray (D,) or (n_crops, D)
+    groups : mapping group id -> sequence of utterance keys
+    normalize : bool, default=False
+        Length-normalise each utterance before averaging.
+
+    Returns
+    -------
+    means : dict group id -> ndarray of float64, shape (D,)
+
+    Raises
+    ------
+    ValueError
+        A group is empty, or utterances are missing (count and examples).
+    """
+    missing = sorted({u for us in groups.values() for u in us if u not in embeddings})
+    if missing:
+        raise ValueError(
+            f"{len(missing)} utterances listed in the speaker/enrollment map have no embedding, e.g. {missing[:5]}"
+        )
+    out = {}
+    for g, us in groups.items():
+        if len(us) == 0:
+            raise ValueError(f"group {g!r} lists no utterances")
+        m = np.stack([np.asarray(embeddings[u], dtype=np.float64).reshape(-1, np.shape(embeddings[u])[-1]).mean(0)
+                      for u in us])
+        if normalize:
+            m = m / np.linalg.norm(m, axis=1, keepdims=True)
+        out[g] = m.mean(axis=0)
+    return out
+
+
+def speaker_means(
+    embeddings: Embeddings,
+    utt2spk: Optional[Mapping[str, str]] = None,
+    spk2utt: Optional[Mapping[str, Sequence[str]]] = None,
+    *,
+    normalize: bool = False,
+) -> dict:
+    """Speaker-mean embeddings from ``utt2spk`` or ``spk2utt`` (one of them).
+
+    Returns
+    -------
+    means : dict speaker id -> ndarray of float64, shape (D,)
+
+    Raises
+    ------
+    ValueError
+        Neither or both maps given; missing utterances.
+    """
+    if (utt2spk is None) == (spk2utt is None):
+        raise ValueError("give exactly one of utt2spk and spk2utt")
+    if spk2utt is None:
+        spk2utt = {}
+        for u, s in utt2spk.items():
+            spk2utt.setdefault(s, []).append(u)
+    return average_embeddings(embeddings, spk2utt, normalize=normalize)
+
+
+def read_utt2spk(path: str) -> dict:
+    """Read a Kaldi ``utt2spk`` file (``utt spk`` per line). Raises ValueError on malformed lines."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            p = line.split()
+            if not p:
+                continue
+            if len(p) != 2:
+                raise ValueError(f"{path}:{n}: expected 'utt spk', got {line.strip()!r}")
+            out[p[0]] = p[1]
+    return out
+
+
+def read_spk2utt(path: str) -> dict:
+    """Read a Kaldi ``spk2utt`` file (``spk utt1 utt2 ...`` per line). Raises ValueError on malformed lines."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            p = line.split()
+            if not p:
+                continue
+            if len(p) < 2:
+                raise ValueError(f"{path}:{n}: expected 'spk utt1 [utt2 ...]', got {line.strip()!r}")
+            out[p[0]] = p[1:]
+    return out
+
+
+def _unique_name(name: str, taken: set) -> str:
+    base, i = name, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def score(
+    embeddings: str,
+    trials: Sequence[str],
+    output_dir: str,
+    *,
+    trials_format: str = "auto",
+    trials_root: Optional[str] = None,
+    cohort: Optional[str] = None,
+    cohort_utt2spk: Optional[str] = None,
+    cohort_spk2utt: Optional[str] = None,
+    asnorm_top_n: Optional[int] = 300,
+    mean_embeddings: Optional[str] = None,
+    enroll_spk2utt: Optional[str] = None,
+    p_targets: Sequence[float] = (0.01, 0.05),
+    eer_method: str = "interp",
+    cllr: bool = False,
+    missing: str = "error",
+    score_style: str = "kaldi",
+    plots: bool = True,
+    log=print,
+) -> dict:
+    """Score trial lists end to end (the library call behind ``spk_score``).
+
+    Reads embeddings (any format :func:`spk_toolkit.io.readers.load_embeddings` reads; ESPnet
+    (n_crops, D) values averaged), scores every trial list (cosine, AS-norm/S-norm when ``cohort`` is
+    given), and writes to ``output_dir``: ``<list>.score`` (Kaldi style ``enroll test score [target|nontarget]``
+    or ESPnet style), ``<list>_det.png``, ``<list>_hist.png`` and ``metrics.json``.
+
+    Parameters
+    ----------
+    embeddings : str
+        Embedding file or directory.
+    trials : sequence of str
+        Trial lists (any format of :func:`spk_toolkit.io.trials.read_trials`).
+    output_dir : str
+    trials_format : str, default="auto"
+    trials_root : str, optional
+        Root prefix stripped from trial keys.
+    cohort : str, optional
+        Cohort embeddings; with ``cohort_utt2spk`` / ``cohort_spk2utt`` they are averaged per speaker first.
+    asnorm_top_n : int or None, default=300
+        None or <= 0: S-norm over the whole cohort.
+    mean_embeddings : str, optional
+        Embeddings whose mean is subtracted from everything before length normalisation.
+    enroll_spk2utt : str, optional
+        ``enroll_id utt1 utt2 ...``: enrollment models as the mean of several utterances (ESPnet emb-avg).
+    p_targets : sequence of float, default=(0.01, 0.05)
+    eer_method : {"interp", "rocch", "espnet"}
+    cllr : bool
+        Also report Cllr, minCllr and actDCF (meaningful for LLR-like scores).
+    missing : {"error", "drop"}
+    score_style : {"kaldi", "espnet"}
+    plots : bool, default=True
+
+    Returns
+    -------
+    metrics : dict
+        What is written to ``metrics.json``: per trial list, counts, EER (fraction and ``eer_pct``),
+        minDCF per p_target, the normalisation used, key-normalisation notes and output paths.
+
+    Raises
+    ------
+    MissingKeysError
+        Trial keys without embeddings (count and examples), unless ``missing="drop"``.
+    ValueError, FileNotFoundError
+        Bad inputs.
+    """
+    import json
+    import os
+
+    from spk_toolkit import metrics as M
+    from spk_toolkit.io.readers import load_embeddings
+    from spk_toolkit.io.trials import read_trials, write_scores
+
+    os.makedirs(output_dir, exist_ok=True)
+    emb = load_embeddings(embeddings, average_crops=True)
+    log(f"embeddings: {len(emb)} from {embeddings}")
+    if enroll_spk2utt:
+        models = average_embeddings(emb, read_spk2utt(enroll_spk2utt))
+        clash = [k for k in models if k in emb]
+        emb = dict(emb)
+        emb.update(models)
+        log(f"enrollment models: {len(models)} averaged from {enroll_spk2utt}"
+            + (f" ({len(clash)} replace utterance keys of the same name)" if clash else ""))
+    mean = None
+    if mean_embeddings:
+        ref = EmbeddingTable(load_embeddings(mean_embeddings, average_crops=True))
+        mean = ref.matrix.mean(axis=0)
+        log(f"mean subtraction: mean of {len(ref)} embeddings from {mean_embeddings}")
+    cohort_mat = None
+    norm = "cosine"
+    top_n = None if (asnorm_top_n is None or asnorm_top_n <= 0) else int(asnorm_top_n)
+    if cohort:
+        cemb = load_embeddings(cohort, average_crops=True)
+        if cohort_utt2spk or cohort_spk2utt:
+            cemb = speaker_means(
+                cemb,
+                utt2spk=read_utt2spk(cohort_utt2spk) if cohort_utt2spk else None,
+                spk2utt=read_spk2utt(cohort_spk2utt) if cohort_spk2utt else None,
+            )
+        cohort_mat = EmbeddingTable(cemb)
+        norm = "snorm" if top_n is None or top_n >= len(cohort_mat) else f"asnorm(top_n={top_n})"
+        log(f"cohort: {len(cohort_mat)} {'speaker means' if (cohort_utt2spk or cohort_spk2utt) else 'embeddings'}"
+            f" from {cohort}; normalisation {norm}")
+    table = EmbeddingTable(emb)
+    result = {"embeddings": str(embeddings), "normalisation": norm, "trials": {}}
+    taken: set = set()
+    for tpath in trials:
+        tr = read_trials(tpath, trials_format)
+        name = _unique_name(tr.name, taken)
+        res = resolve_keys(tr, table.keys, root=trials_root, on_missing=missing)
+        for n in res.notes:
+            log(f"[{name}] {n}")
+        s, raw = score_trials(table, tr, cohort=cohort_mat, top_n=top_n, mean=mean, root=trials_root,
+                              on_missing=missing, return_raw=True)
+        score_path = os.path.join(output_dir, f"{name}.score")
+        write_scores(score_path, tr, s, style=score_style)
+        entry = {"path": str(tpath), "format": tr.fmt, "n_trials": len(tr), "n_scored": int(res.kept.sum()),
+                 "key_notes": res.notes, "score_file": score_path}
+        if tr.labels is not None:
+            ok = res.kept
+            m = M.compute_metrics(s[ok], tr.labels[ok], p_targets, eer_method=eer_method, with_cllr=cllr)
+            entry.update(_metrics_json(m))
+            if cohort_mat is not None:
+                mr = M.compute_metrics(raw[ok], tr.labels[ok], p_targets, eer_method=eer_method)
+                entry["cosine"] = _metrics_json(mr)
+            if plots:
+                from spk_toolkit.plot import plot_det, plot_score_histogram
+
+                p_miss, p_fa, _ = M.det_curve(s[ok], tr.labels[ok])
+                curves = {norm: (p_miss, p_fa, m["eer"])}
+                if cohort_mat is not None:
+                    rm, rf, _ = M.det_curve(raw[ok], tr.labels[ok])
+                    curves["cosine"] = (rm, rf, mr["eer"])
+                entry["det_png"] = plot_det(curves, os.path.join(output_dir, f"{name}_det.png"), title=f"DET: {name}")
+                entry["hist_png"] = plot_score_histogram(
+                    s[ok], tr.labels[ok], os.path.join(output_dir, f"{name}_hist.png"), title=f"Scores: {name}",
+                    thresholds={f"minDCF {p:g}": t for p, t in m["min_dcf_threshold"].items()},
+                )
+        elif plots:
+            from spk_toolkit.plot import plot_score_histogram
+
+            entry["hist_png"] = plot_score_histogram(s[np.isfinite(s)], None,
+                                                     os.path.join(output_dir, f"{name}_hist.png"), title=name)
+        result["trials"][name] = entry
+    mpath = os.path.join(output_dir, "metrics.json")
+    with open(mpath + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(mpath + ".tmp", mpath)
+    result["metrics_json"] = mpath
+    return result
+
+
+def _metrics_json(m: dict) -> dict:
+    out = {
+        "n_target": m["n_target"],
+        "n_nontarget": m["n_nontarget"],
+        "eer": m["eer"],
+        "eer_pct": 100 * m["eer"],
+        "min_dcf": {f"{p:g}": v for p, v in m["min_dcf"].items()},
+        "min_dcf_threshold": {f"{p:g}": v for p, v in m["min_dcf_threshold"].items()},
+    }
+    for k in ("cllr", "min_cllr"):
+        if k in m:
+            out[k] = m[k]
+    if "act_dcf" in m:
+        out["act_dcf"] = {f"{p:g}": v for p, v in m["act_dcf"].items()}
+    return out
+
+
+def format_table(result: dict) -> str:
+    """One-screen table of a :func:`score` result (EER in %)."""
+    rows = []
+    p_keys = None
+    for name, e in result["trials"].items():
+        if "eer" not in e:
+            rows.append([name, str(e["n_trials"]), "-", "-", "(unlabelled)"])
+            continue
+        p_keys = p_keys or list(e["min_dcf"])
+        r = [name, str(e["n_target"]), str(e["n_nontarget"]), f"{e['eer_pct']:.3f}"]
+        r += [f"{e['min_dcf'][p]:.4f}" for p in p_keys]
+        if "cllr" in e:
+            r += [f"{e['cllr']:.4f}", f"{e['min_cllr']:.4f}"]
+        rows.append(r)
+    head = ["trials", "n_target", "n_nontarget", "EER %"] + [f"minDCF {p}" for p in (p_keys or [])]
+    if any("cllr" in e for e in result["trials"].values()):
+        head += ["Cllr", "minCllr"]
+    widths = [max(len(str(x)) for x in col) for col in zip(*([head] + [r + [""] * (len(head) - len(r)) for r in rows]))]
+    fmt = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([f"normalisation: {result['normalisation']}", fmt(head)] + [fmt(r) for r in rows])
