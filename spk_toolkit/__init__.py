@@ -53,7 +53,9 @@ def extract_embeddings(data, output_dir, toolkit: str = "resemblyzer", model=Non
         Backend constructor arguments.
     **options
         :class:`spk_toolkit.engine.ExtractOptions` fields (``batch_bins``, ``num_workers``, ``output_format``,
-        ``on_error``, ``max_errors``, ``min_duration``, ``allow_pipes``, ``shard_duration``, ``overwrite``).
+        ``on_error``, ``max_errors``, ``min_duration``, ``allow_pipes``, ``shard_duration``, ``overwrite``), plus
+        ``parallel``: a Dask parallel config (YAML path or dict ``{env, n_workers, options}``) to run the shards
+        on Dask workers (:mod:`spk_toolkit.parallel.dask`).
 
     Returns
     -------
@@ -68,7 +70,20 @@ def extract_embeddings(data, output_dir, toolkit: str = "resemblyzer", model=Non
         ``on_error="raise"`` met a bad utterance, too many errors, or a changed corpus/model in ``output_dir``.
     """
     from spk_toolkit import engine
+    from spk_toolkit.parallel import world_size_from_env
 
+    parallel = options.pop("parallel", None)
+    if parallel:  # Dask executor: --parallel conf/parallel_*.yaml (the model is built on the workers)
+        if model is not None:
+            raise ValueError("parallel= builds the model on each Dask worker; pass toolkit/model_kwargs, not model")
+        from spk_toolkit.parallel.dask import extract_dask
+
+        return extract_dask(data, output_dir, parallel, toolkit=toolkit, model_kwargs=model_kwargs, **options)
+    if world_size_from_env() > 1:  # launched by torchrun: this process is one rank
+        from spk_toolkit.parallel.dist import extract_distributed
+
+        return extract_distributed(data, output_dir, toolkit=toolkit, model=model, model_kwargs=model_kwargs,
+                                   **options)
     return engine.extract(data, output_dir, toolkit=toolkit, model=model, model_kwargs=model_kwargs, **options)
 
 
