@@ -225,6 +225,14 @@ def prepare_run(
             (out / name).unlink(missing_ok=True)
     cache_dir = Path(data) if isinstance(data, (str, os.PathLike)) and Path(data).is_dir() else None
     pre_errors = measure_durations(utts, allow_pipes=opts.allow_pipes, cache_dir=cache_dir)
+    path_of = {u.utt_id: u.path for u in utts}
+    for uid, reason in pre_errors.items():  # header-level failures follow the same --on_error policy
+        if opts.on_error == "raise":
+            raise ExtractionError(f"utterance {uid!r} ({path_of[uid]}): {reason}")
+        logger.warning("skipping utterance %s (%s): %s", uid, path_of[uid], reason)
+    if 0 <= opts.max_errors < len(pre_errors):
+        raise ExtractionError(f"{len(pre_errors)} utterances have unreadable audio headers, more than "
+                              f"--max_errors {opts.max_errors}; see the log")
     keep = [i for i, u in enumerate(utts) if u.utt_id not in pre_errors]
     sub = make_shards([utts[i].duration for i in keep], opts.shard_duration)
     shards = [[keep[j] for j in s] for s in sub if s]

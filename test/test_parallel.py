@@ -1,0 +1,134 @@
+"""Executors on real speech: torchrun (2 ranks, gloo) and Dask (LocalCluster, 2 workers) give the one-process
+result; each rank decodes only its own shards; the model is built once per Dask worker; 3D-Speaker outputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spk_toolkit.engine import extract
+from spk_toolkit.io.datadir import load_kaldi_dir
+from spk_toolkit.parallel import assign_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTS = dict(shard_duration=4.0, num_workers=0, progress=False)
+
+
+def make_subset(src: Path, dst: Path, per_speaker: int = 3) -> Path:
+    """Kaldi dir with the ``per_speaker`` shortest utterances of each speaker of ``src`` (wav.scp order kept)."""
+    utts = load_kaldi_dir(src)
+    by_spk = {}
+    for u in sorted(utts, key=lambda u: (u.duration, u.utt_id)):
+        by_spk.setdefault(u.spk_id, []).append(u.utt_id)
+    keep = {k for v in by_spk.values() for k in v[:per_speaker]}
+    sel = [u for u in utts if u.utt_id in keep]
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "wav.scp").write_text("".join(f"{u.utt_id} {u.path}\n" for u in sel))
+    (dst / "utt2spk").write_text("".join(f"{u.utt_id} {u.spk_id}\n" for u in sel))
+    return dst
+
+
+def load_npz(path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def subset(fillets_small, tmp_path_factory):
+    return make_subset(fillets_small, tmp_path_factory.mktemp("sub") / "data")
+
+
+@pytest.fixture(scope="module")
+def reference(subset, tmp_path_factory):
+    """One in-process run: the result every executor must reproduce."""
+    out = tmp_path_factory.mktemp("ref")
+    summary = extract(subset, out, **OPTS)
+    return load_npz(out / "embeddings.npz"), summary
+
+
+def test_assign_shards_balanced_and_exact():
+    durs = [10.0, 9.0, 9.0, 8.0, 3.0, 3.0, 2.0, 1.0]
+    a = assign_shards(durs, range(8), 2)
+    assert sorted(k for r in a for k in r) == list(range(8))
+    loads = [sum(durs[k] for k in r) for r in a]
+    assert abs(loads[0] - loads[1]) <= max(durs)
+    assert a == assign_shards(durs, range(8), 2)  # deterministic: every rank computes the same
+    # resumed run: only unfinished shards are assigned, still balanced
+    b = assign_shards(durs, [1, 2, 3, 5], 2)
+    assert sorted(k for r in b for k in r) == [1, 2, 3, 5] and [sum(durs[k] for k in r) for r in b] == [17.0, 12.0]
+    assert assign_shards(durs, [], 3) == [[], [], []]
+    with pytest.raises(ValueError):
+        assign_shards(durs, [0], 0)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_gloo(subset, reference, tmp_path):
+    ref, ref_summary = reference
+    out = tmp_path / "tr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(ROOT / ".venv/bin/torchrun") if (ROOT / ".venv/bin/torchrun").exists() else "torchrun",
+           "--standalone", "--nproc_per_node=2", "-m", "spk_toolkit.bin.spk_inference",
+           "--data_dir", str(subset), "--output_dir", str(out), "--shard_duration", "4", "--num_workers", "0",
+           "--progress", "false"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("utterances :") == 1  # only rank 0 prints the summary
+    got = load_npz(out / "embeddings.npz")
+    assert list(got) == list(ref)  # same keys, input order
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], atol=1e-6, rtol=0)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["executor"] == "torchrun" and s["world_size"] == 2 and s["backend"] == "gloo"
+    assert s["embedded"] == 12 and s["shards_resumed"] == 0 and s["shards"] == ref_summary["shards"]
+    plan = json.loads((out / "plan.json").read_text())
+    ranks = [json.loads((out / "ranks" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]
+    shards = [set(r["shards"]) for r in ranks]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    assert shards[0] | shards[1] == set(range(len(plan["shards"])))
+    for r in ranks:  # each rank decoded exactly the utterances of its own shards, nothing else
+        assert r["decoded"] == sum(len(plan["shards"][k]) for k in r["shards"]) == r["utterances"]
+        assert r["shards_run"] == len(r["shards"])
+    # a rerun resumes everything: no shard is recomputed, same output
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["shards_resumed"] == s["shards"] and all(r["shards_run"] == 0 for r in s["ranks"])
+    again = load_npz(out / "embeddings.npz")
+    assert all(np.array_equal(again[k], got[k]) for k in got)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_two_workers(subset, reference, tmp_path):
+    from spk_toolkit import extract_embeddings
+
+    ref, _ = reference
+    out = tmp_path / "dask"
+    s = extract_embeddings(subset, out, parallel={"env": "local", "n_workers": 2}, **OPTS)
+    got = load_npz(out / "embeddings.npz")
+    assert list(got) == list(ref)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], atol=1e-6, rtol=0)
+    assert s["executor"] == "dask" and s["n_workers"] == 2 and s["embedded"] == 12
+    workers = list(s["workers"].values())
+    assert [w["model_loads"] for w in workers] == [1, 1]  # built once per worker, never per shard
+    assert len({w["pid"] for w in workers}) == 2 and os.getpid() not in {w["pid"] for w in workers}
+    ran = sorted(k for w in workers for k in w["shards"])
+    assert ran == list(range(s["shards"]))  # every shard exactly once
+
+
+def test_parallel_config_validation(tmp_path):
+    from spk_toolkit.parallel.dask import load_parallel_config
+
+    assert load_parallel_config(ROOT / "conf/parallel_local.yaml") == {"env": "local", "n_workers": 2, "options": {}}
+    for name in ("local_gpu", "slurm", "pbs", "sge"):
+        assert load_parallel_config(ROOT / f"conf/parallel_{name}.yaml")["env"] == name
+    assert load_parallel_config({"parallel": {"env": "slurm", "n_workers": 3}})["n_workers"] == 3
+    with pytest.raises(ValueError, match="env must be one of"):
+        load_parallel_config({"env": "kubernetes"})
+    with pytest.raises(ValueError, match="unknown parallel key"):
+        load_parallel_config({"env": "local", "workers": 2})
