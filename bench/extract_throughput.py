@@ -1,0 +1,98 @@
+"""Extraction throughput on real speech, three ways side by side in one run (issue 2, criterion 6).
+
+(a) per-utterance loop: decode + prepare + embed one utterance at a time with the same model (how ESPnet's
+    sequential extractor, WeSpeaker's batch-1 test extraction and 3D-Speaker's extract.py work);
+(b) the batched pipeline: ``spk_toolkit.engine.extract`` end to end (decoding workers, length buckets, masking,
+    shard files, merge, npz writing);
+(c) the model's forward alone on pre-loaded, pre-batched tensors (same buckets as (b)): the ceiling.
+
+Throughput = seconds of audio per wall-clock second. Prints (b)/(a), (b)/(c) and the padding waste.
+
+    python bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml
+    python bench/extract_throughput.py --toolkit resemblyzer
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spk_toolkit.backends import load_model
+from spk_toolkit.data import bucket_batches, collate, padding_waste
+from spk_toolkit.engine import extract
+from spk_toolkit.io.audio import read_audio
+from spk_toolkit.io.datadir import load_corpus
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data_dir", default="data/fillets_demo")
+    ap.add_argument("--toolkit", default="espnet")
+    ap.add_argument("--train_config", default="conf/model_ecapa.yaml")
+    ap.add_argument("--model_file", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max_utts", type=int, default=0, help="use the first N utterances (0 = all)")
+    ap.add_argument("--batch_bins", type=int, default=16000 * 240)
+    ap.add_argument("--num_workers", type=int, default=1)
+    a = ap.parse_args()
+
+    kw = {"device": a.device}
+    if a.toolkit == "espnet":
+        kw.update(train_config=a.train_config, model_file=a.model_file)
+    model = load_model(a.toolkit, **kw)
+    utts = load_corpus(a.data_dir)
+    if a.max_utts:
+        utts = utts[: a.max_utts]
+    sr = model.sample_rate
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, device {a.device}")
+    print(f"model: {model.describe()}")
+
+    # warm-up (first-call allocations, librosa/numba caches)
+    w0 = model.prepare(read_audio(utts[0].path, sr)[0])
+    model.embed(torch.from_numpy(w0)[None], torch.tensor([len(w0)]))
+
+    # (a) per-utterance loop
+    t = time.perf_counter()
+    audio_a = 0.0
+    for u in utts:
+        x = model.prepare(read_audio(u.path, sr, u.start, u.end)[0])
+        audio_a += len(x) / sr
+        model.embed(torch.from_numpy(x)[None], torch.tensor([len(x)]))
+    ta = time.perf_counter() - t
+
+    # (b) batched pipeline, end to end
+    out = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    t = time.perf_counter()
+    s = extract(utts, out, model=model, batch_bins=a.batch_bins, num_workers=a.num_workers, progress=False)
+    tb = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+
+    # (c) forward alone on pre-loaded, pre-batched tensors (same bucketing)
+    wavs = [model.prepare(read_audio(u.path, sr, u.start, u.end)[0]) for u in utts]
+    lengths = [len(w) for w in wavs]
+    batches = bucket_batches(lengths, a.batch_bins)
+    tensors = [collate([(i, wavs[i], None) for i in b]) for b in batches]
+    t = time.perf_counter()
+    for bt in tensors:
+        model.embed(bt.wav, bt.lengths)
+    tc = time.perf_counter() - t
+    audio = sum(lengths) / sr
+    waste = padding_waste(lengths, batches)
+
+    ra, rb, rc = audio_a / ta, audio / tb, audio / tc
+    print(f"utterances: {len(utts)}, audio (after preparation): {audio / 60:.1f} min, batches: {len(batches)}")
+    print(f"(a) per-utterance loop     : {ta:8.1f} s  {ra:7.1f}x real time")
+    print(f"(b) batched pipeline (e2e) : {tb:8.1f} s  {rb:7.1f}x real time  (engine summary: {s['embedded']} embedded)")
+    print(f"(c) forward alone          : {tc:8.1f} s  {rc:7.1f}x real time")
+    print(f"ratio (b)/(a) = {rb / ra:.2f}   ratio (b)/(c) = {rb / rc:.2f}   padding waste = {100 * waste:.1f} %")
+
+
+if __name__ == "__main__":
+    main()
