@@ -106,7 +106,7 @@ def register_backend(cls: Type[EmbeddingModel]) -> Type[EmbeddingModel]:
     return cls
 
 
-BUILTIN_MODULES = ("resemblyzer",)  # "espnet" joins when its module lands
+BUILTIN_MODULES = ("resemblyzer", "espnet")
 
 
 def _import_all() -> None:
