@@ -190,10 +190,10 @@ def _operating_counts(scores: np.ndarray, is_target: np.ndarray):
     tar_per_group, non_per_group = (
         (per_group_min, per_group_maj) if minority_is_target else (per_group_maj, per_group_min)
     )
-    # descending thresholds: accept s >= t; exact integer cumulative sums (no float drift at 1e7+ trials,
-    # cf. scikit-learn issue #31533), then float64
-    tp = np.cumsum(tar_per_group[::-1]).astype(np.float64)
-    fp = np.cumsum(non_per_group[::-1]).astype(np.float64)
+    # descending thresholds: accept s >= t. The summands are integer counts, so float64 cumulative sums are
+    # exact up to 2**53 trials (float32 would drift at 1e7+ trials, cf. scikit-learn issue #31533)
+    tp = np.cumsum(tar_per_group[::-1], dtype=np.float64)
+    fp = np.cumsum(non_per_group[::-1], dtype=np.float64)
     return tp, fp, distinct[::-1], n_tar, n_non
 
 
@@ -204,9 +204,18 @@ def _error_rates(scores: np.ndarray, is_target: np.ndarray):
     ``s >= thresholds[i]``; the last element accepts everything (P_miss = 0, P_fa = 1).
     """
     tp, fp, thr, n_tar, n_non = _operating_counts(scores, is_target)
-    p_miss = np.concatenate(([1.0], (n_tar - tp) / n_tar))
-    p_fa = np.concatenate(([0.0], fp / n_non))
-    thresholds = np.concatenate(([np.inf], thr.astype(np.float64)))
+    g = tp.size
+    p_miss = np.empty(g + 1)
+    p_miss[0] = 1.0
+    np.subtract(n_tar, tp, out=p_miss[1:])
+    p_miss[1:] /= n_tar
+    p_fa = np.empty(g + 1)
+    p_fa[0] = 0.0
+    np.divide(fp, n_non, out=p_fa[1:])
+    del tp, fp
+    thresholds = np.empty(g + 1)
+    thresholds[0] = np.inf
+    thresholds[1:] = thr
     return p_miss, p_fa, thresholds
 
 
@@ -214,13 +223,15 @@ def _error_rates(scores: np.ndarray, is_target: np.ndarray):
 # EER
 # --------------------------------------------------------------------------------------------------
 def _eer_interp(p_miss: np.ndarray, p_fa: np.ndarray) -> float:
-    # d = P_miss - P_fa decreases strictly from 1 (accept nothing) to -1 (accept all)
-    d = p_miss - p_fa
-    k = int(np.argmax(d <= 0))  # first point where the sign has changed (or d == 0)
-    if d[k] == 0:
+    # P_fa - P_miss increases strictly from -1 (accept nothing) to 1 (accept all): binary search for the first
+    # point k where P_miss - P_fa <= 0; k >= 1 because point 0 has P_miss - P_fa = 1
+    k = int(np.searchsorted(p_fa - p_miss, 0.0, side="left"))
+    d0 = p_miss[k - 1] - p_fa[k - 1]  # > 0
+    d1 = p_miss[k] - p_fa[k]  # <= 0
+    if d1 == 0:
         return float(p_miss[k])
-    # linear interpolation between points k-1 and k, where d crosses zero
-    alpha = d[k - 1] / (d[k - 1] - d[k])
+    # linear interpolation between points k-1 and k, where P_miss - P_fa crosses zero
+    alpha = d0 / (d0 - d1)
     return float(p_fa[k - 1] + alpha * (p_fa[k] - p_fa[k - 1]))
 
 

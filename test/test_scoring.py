@@ -156,3 +156,10 @@ def test_errors():
         cosine_score(bad, trials)
     with pytest.raises(ValueError, match="cohort dimension 4 differs"):
         score_trials(emb, trials, cohort=cohort[:, :4])
+
+
+def test_float32_matrices_close_to_float64():
+    emb, trials, cohort = make_problem(7, n_trials=200)
+    a = score_trials(emb, trials, cohort=cohort, top_n=10)
+    b = score_trials(emb, trials, cohort=cohort, top_n=10, dtype=np.float32)
+    assert b.dtype == np.float64 and np.max(np.abs(a - b)) < 1e-4

@@ -340,55 +340,62 @@ def resolve_keys(
     if on_missing not in ("error", "drop"):
         raise ValueError(f"on_missing must be 'error' or 'drop', got {on_missing!r}")
     avail = {k: i for i, k in enumerate(available_keys)}
-    uniq, inv = np.unique(np.concatenate([trials.enroll, trials.test]), return_inverse=True)
-    idx = np.full(uniq.size, -1, dtype=np.int64)
+    get = avail.get
+    n = len(trials)
+    e_list, t_list = trials.enroll.tolist(), trials.test.tolist()
+    # fast path: one dict lookup per trial key (no string sort); normalisation only for the keys that miss
+    e_idx = np.array([get(k, -1) for k in e_list], dtype=np.int64)
+    t_idx = np.array([get(k, -1) for k in t_list], dtype=np.int64)
+    unmatched = sorted({e_list[i] for i in np.flatnonzero(e_idx < 0)} | {t_list[i] for i in np.flatnonzero(t_idx < 0)})
     n_root = n_ext = 0
-    inferred_root = None
-    if root is None:
-        # infer a root from the first unmatched key: the shortest path-component suffix (after extension
-        # stripping) that is an embedding key
-        for k in uniq:
-            if k in avail or _strip_ext(k) in avail:
-                continue
-            parts = k.split("/")
-            for j in range(1, len(parts)):
-                suffix = "/".join(parts[j:])
-                if suffix in avail or _strip_ext(suffix) in avail:
-                    inferred_root = "/".join(parts[:j]) + "/"
-                    break
-            break
-    use_root = root if root is not None else inferred_root
-    for i, k in enumerate(uniq):
-        j = avail.get(k)
-        if j is None and use_root and k.startswith(use_root):
-            j = avail.get(k[len(use_root):])
+    fixed: dict = {}
+    use_root = root
+    if unmatched:
+        if root is None:
+            # infer a root from the first key matched by neither form: the longest path-component suffix
+            # (as is, or without extension) that is an embedding key
+            for k in unmatched:
+                if _strip_ext(k) in avail:
+                    continue
+                parts = k.split("/")
+                for j in range(1, len(parts)):
+                    suffix = "/".join(parts[j:])
+                    if suffix in avail or _strip_ext(suffix) in avail:
+                        use_root = "/".join(parts[:j]) + "/"
+                        break
+                break
+        for k in unmatched:
+            j = None
+            if use_root and k.startswith(use_root):
+                j = get(k[len(use_root):])
+                if j is None:
+                    j = get(_strip_ext(k[len(use_root):]))
+                    if j is not None:
+                        n_ext += 1
+                if j is not None:
+                    n_root += 1
             if j is None:
-                j = avail.get(_strip_ext(k[len(use_root):]))
+                j = get(_strip_ext(k))
                 if j is not None:
                     n_ext += 1
             if j is not None:
-                n_root += 1
-        if j is None:
-            j = avail.get(_strip_ext(k))
-            if j is not None:
-                n_ext += 1
-        if j is not None:
-            idx[i] = j
+                fixed[k] = j
+        for lst, idx in ((e_list, e_idx), (t_list, t_idx)):
+            for i in np.flatnonzero(idx < 0):
+                idx[i] = fixed.get(lst[i], -1)
+    n_uniq = len(set(e_list).union(t_list)) if unmatched else None
     notes = []
     if n_root:
         src = "given" if root is not None else "inferred"
-        notes.append(f"stripped root prefix {use_root!r} ({src}) from {n_root} of {uniq.size} unique trial keys")
+        notes.append(f"stripped root prefix {use_root!r} ({src}) from {n_root} of {n_uniq} unique trial keys")
     if n_ext:
-        notes.append(f"stripped the audio extension from {n_ext} of {uniq.size} unique trial keys")
-    n = len(trials)
-    e_idx = idx[inv[:n]]
-    t_idx = idx[inv[n:]]
+        notes.append(f"stripped the audio extension from {n_ext} of {n_uniq} unique trial keys")
     kept = (e_idx >= 0) & (t_idx >= 0)
-    missing = sorted(uniq[idx < 0].tolist())
+    missing = [k for k in unmatched if k not in fixed]
     if missing:
         n_bad_trials = int(n - kept.sum())
         msg = (
-            f"{len(missing)} of {uniq.size} utterances referenced by trial list "
+            f"{len(missing)} of {n_uniq} utterances referenced by trial list "
             f"{trials.path or '<in memory>'!r} have no embedding ({n_bad_trials} of {n} trials affected), "
             f"e.g. {missing[:max_examples]}"
         )
