@@ -66,22 +66,22 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(subset, tmp_path
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     kills = []
-    for attempt in range(5):
-        before = n_shard_files(out)
-        remaining = n_shards - before
+    # kill 1: a random moment of start-up (imports, model load, header reads, planning);
+    # kills 2-5: at random points of the shard sequence, a random few ms into the next shard
+    targets = [None] + sorted(rng.sample(range(1, n_shards), 4))
+    for attempt, target in enumerate(targets):
         proc = subprocess.Popen(cli(subset, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        if remaining < 3 or rng.random() < 0.3:  # a random moment: start-up, model load, planning, a shard
-            deadline = time.monotonic() + rng.uniform(0.2, 6.0)
+        if target is None:
+            deadline = time.monotonic() + rng.uniform(0.2, 3.0)
             while time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.02)
-            how = "delay"
-        else:  # right after k more shards were renamed into place (+ a random fraction of the next shard)
-            k = rng.randint(1, max(1, (remaining - 1) // 2))
-            while n_shard_files(out) < before + k and proc.poll() is None:
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.4))
-            how = f"after {k} shard(s)"
+            how = "start-up"
+        else:
+            while n_shard_files(out) < target and proc.poll() is None:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.03))
+            how = f"{target} shard(s) done"
         assert proc.poll() is None, f"run {attempt} finished before the kill (seed {seed})"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
