@@ -603,3 +603,53 @@ class SpkTrainer(Trainer):
             merge_parts(output_dir, world)
         if world > 1:
             torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# standalone validation of a checkpoint
+
+
+def build_valid_iterator(train_args, distributed_option: Optional[DistributedOption] = None):
+    """ESPnet's validation iterator for an experiment's arguments (``valid_data_path_and_name_and_type``, ...).
+
+    Parameters
+    ----------
+    train_args : argparse.Namespace
+        As returned by ``SpeakerTask.build_model_from_file`` (the experiment's ``config.yaml``).
+    distributed_option : DistributedOption, optional
+        Default: not distributed (every trial).
+    """
+    from spk_toolkit.tasks.spk import SpeakerTask
+
+    dopt = distributed_option or DistributedOption(distributed=False)
+    return SpeakerTask.build_iter_factory(args=train_args, distributed_option=dopt, mode="valid").build_iter(0)
+
+
+def validate_checkpoint(config: str | os.PathLike, model_file: str | os.PathLike, device: str = "cpu") -> dict:
+    """Run :meth:`SpkTrainer.validate_one_epoch` on an experiment's validation trials, in this process.
+
+    Parameters
+    ----------
+    config : path
+        The experiment's ``config.yaml`` (its ``valid_data_path_and_name_and_type`` and preprocessor are used).
+    model_file : path
+        Checkpoint, e.g. ``exp/<name>/valid.eer.best.pth`` or ``<N>epoch.pth``.
+    device : str
+
+    Returns
+    -------
+    dict
+        The registered statistics (``eer`` %, ``mindcf``, ``mindcf_p01``, ``n_trials``, score statistics).
+    """
+    from espnet2.train.reporter import Reporter
+
+    from spk_toolkit.tasks.spk import SpeakerTask
+
+    model, args = SpeakerTask.build_model_from_file(str(config), str(model_file), device)
+    reporter = Reporter()
+    reporter.set_epoch(1)
+    with reporter.observe("valid") as sub:
+        SpkTrainer.validate_one_epoch(model, build_valid_iterator(args), sub, None,
+                                      DistributedOption(distributed=False))
+    keys = ("eer", "mindcf", "mindcf_p01", "n_trials", "trg_mean", "trg_std", "nontrg_mean", "nontrg_std")
+    return {k: float(reporter.get_value("valid", k)) for k in keys}

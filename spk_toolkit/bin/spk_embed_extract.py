@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Speaker-embedding extraction over ESPnet trial iterators, on spk_toolkit's ``SpkTrainer.extract_embed``.
+
+Same options as ``python -m espnet2.bin.spk_embed_extract`` (``--spk_train_config``, ``--spk_model_file``,
+``--data_path_and_name_and_type``, ``--shape_file``, ``--output_dir``, ``--valid_batch_size``,
+``--target_duration``, ``--num_eval``, ``--average_embd``, ...). Differences from ESPnet's:
+
+* each unique utterance is embedded once, on one rank (``crc32(utt_id) % world_size``), in batches of
+  ``--valid_batch_size`` utterances per process (ESPnet divides by ``--ngpu``, which fails on CPU);
+* every rank writes ``embeddings<rank>.npz`` with ``np.savez_compressed`` (temporary name + rename); a rerun keeps
+  finished parts; rank 0 verifies that every unique utterance is present exactly once and writes
+  ``<output_dir>/<set>_embeddings.npz`` (``<set>`` = the parent folder of the first data file, as ESPnet);
+* no L2 normalisation of any batch; runs on the CPU (``--ngpu 0``) or GPU.
+
+Multi-process: ``torchrun --nproc_per_node=N -m spk_toolkit.bin.spk_embed_extract --dist_backend gloo ...``
+(``nccl`` with ``--ngpu 1`` per process on GPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def get_parser():
+    """ESPnet's ``spk_embed_extract`` parser."""
+    from espnet2.bin.spk_embed_extract import get_parser as espnet_parser
+
+    return espnet_parser()
+
+
+def run(args: argparse.Namespace) -> Path | None:
+    """Build the model and the (unsharded) trial iterator, extract, merge. Returns the output file on rank 0."""
+    import torch
+    from espnet2.torch_utils.set_all_random_seed import set_all_random_seed
+    from espnet2.train.distributed_utils import DistributedOption
+    from espnet2.train.reporter import Reporter
+    from espnet2.utils.build_dataclass import build_dataclass
+
+    from spk_toolkit.tasks.spk import SpeakerTask
+
+    dopt = build_dataclass(DistributedOption, args)
+    dopt.init_options()
+    rank = dopt.dist_rank if dopt.distributed else 0
+    logging.basicConfig(
+        level=args.log_level if rank == 0 else "ERROR",
+        format=f"[{os.uname()[1].split('.')[0]}:{rank}] %(asctime)s (%(module)s:%(lineno)d) %(levelname)s: "
+        "%(message)s",
+    )
+    if args.valid_batch_size < 1:
+        raise ValueError(f"--valid_batch_size must be >= 1, got {args.valid_batch_size}")
+    dopt.init_torch_distributed()
+    device = f"cuda:{torch.cuda.current_device()}" if args.ngpu > 0 else "cpu"
+    set_all_random_seed(args.seed)
+    model, train_args = SpeakerTask.build_model_from_file(args.spk_train_config, args.spk_model_file, device)
+
+    a = vars(args)
+    a["valid_data_path_and_name_and_type"] = a["data_path_and_name_and_type"]
+    a["valid_shape_file"] = a["shape_file"]
+    a["preprocessor_conf"] = {"target_duration": a["target_duration"], "num_eval": a["num_eval"],
+                              "noise_apply_prob": 0.0, "rir_apply_prob": 0.0}
+    merged = vars(train_args)
+    merged.update(a)
+    args = argparse.Namespace(**merged)
+    # every rank reads every trial; unique utterances are split across ranks inside extract_embed
+    org = dopt.distributed
+    dopt.distributed = False
+    loader = SpeakerTask.build_iter_factory(args=args, distributed_option=dopt, mode="valid").build_iter(0)
+    dopt.distributed = org
+
+    reporter = Reporter()
+    reporter.set_epoch(1)
+    with reporter.observe("valid") as sub:
+        SpeakerTask.trainer.extract_embed(
+            model=model, iterator=loader, reporter=sub, options=SpeakerTask.trainer.build_options(args),
+            distributed_option=dopt, output_dir=args.output_dir, custom_bs=args.valid_batch_size,
+            average=args.average_embd,
+        )  # fmt: skip
+    if rank != 0:
+        return None
+    set_name = args.data_path_and_name_and_type[0][0].split("/")[-2]
+    dst = Path(args.output_dir) / f"{set_name}_embeddings.npz"
+    os.replace(Path(args.output_dir) / "embeddings.npz", dst)
+    info = SpeakerTask.trainer.last_extraction
+    print(f"embeddings of the unique utterances -> {dst} (rank 0: {info['n_utts']} utterances"
+          f"{', reused finished part' if info['skipped'] else ''})")
+    return dst
+
+
+def main(cmd=None):
+    """Entry point (``cmd``: argument list, default ``sys.argv[1:]``)."""
+    from espnet2.train.distributed_utils import resolve_distributed_mode
+
+    args = get_parser().parse_args(cmd)
+    resolve_distributed_mode(args)
+    if args.distributed and args.multiprocessing_distributed:
+        sys.exit("spk_embed_extract: --multiprocessing_distributed is not supported; launch with "
+                 "torchrun --nproc_per_node=N -m spk_toolkit.bin.spk_embed_extract ...")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
