@@ -132,3 +132,43 @@ def test_parallel_config_validation(tmp_path):
         load_parallel_config({"env": "kubernetes"})
     with pytest.raises(ValueError, match="unknown parallel key"):
         load_parallel_config({"env": "local", "workers": 2})
+
+
+@pytest.mark.slow
+def test_run_sh_3dspeaker_pipeline(fillets_small, tmp_path):
+    """bin/run.sh stages 1-3 over data_root/<dataset>/<speaker>/<utt>: 3D-Speaker outputs without pickle."""
+    utts = sorted(load_kaldi_dir(fillets_small), key=lambda u: (u.duration, u.utt_id))
+    root = tmp_path / "data_root"
+    layout = {}
+    for ds, spks in (("setA", ("cs_m", "nl_v")), ("setB", ("cs_v",))):
+        for spk in spks:
+            picks = [u for u in utts if u.spk_id == spk][:2]
+            for j, u in enumerate(picks):
+                d = root / ds / spk
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"utt_{j}{Path(u.path).suffix}").symlink_to(u.path)
+                layout[f"{ds}/{spk}/utt_{j}"] = u.path
+    (root / "setB" / "cs_v" / "broken.wav").write_bytes(b"")  # one bad file: counted in the breakdown
+    run, final = tmp_path / "run", tmp_path / "final"
+    p = subprocess.run(["bash", str(ROOT / "bin/run.sh"), "--data_root", str(root), "--output_dir", str(run),
+                        "--final_output_dir", str(final), "--", "--num_workers", "0", "--progress", "false",
+                        "--output_format", "npz"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "stage 3" in p.stdout and not (run / "shards").exists() and (run / "plan.json").is_file()
+    s = json.loads((final / "summary.json").read_text())
+    assert s["total_utterances"] == 6 and s["total_speakers"] == 3 and s["embedding_dimension"] == 256
+    assert s["total_errors"] == 1
+    assert s["datasets"] == {"setA": {"utterances": 4, "speakers": 2, "errors": 0},
+                             "setB": {"utterances": 2, "speakers": 1, "errors": 1}}
+    ul = json.loads((final / "utterance_list.json").read_text())
+    assert [u["key"] for u in ul] == sorted(layout)
+    assert all(u["path"].endswith(f"{u['utterance_id']}{Path(layout[u['key']]).suffix}") for u in ul)
+    assert {(u["dataset"], u["speaker_id"]) for u in ul} == {("setA", "cs_m"), ("setA", "nl_v"), ("setB", "cs_v")}
+    sl = {s["key"]: s for s in json.loads((final / "speaker_list.json").read_text())}
+    assert {k: v["num_utterances"] for k, v in sl.items()} == {"setA/cs_m": 2, "setA/nl_v": 2, "setB/cs_v": 2}
+    ue, se = load_npz(final / "utterance_embeddings.npz"), load_npz(final / "speaker_embeddings.npz")
+    assert list(ue) == sorted(layout) and all(v.dtype == np.float32 for v in ue.values())
+    for spk, v in se.items():
+        np.testing.assert_allclose(v, np.mean([ue[k] for k in ue if k.startswith(spk + "/")], axis=0), atol=1e-6)
+    assert not list(final.glob("*.pkl"))
