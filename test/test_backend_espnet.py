@@ -210,3 +210,12 @@ def test_batch_invariance_real_speech(arch, real_wavs):
     cos = H.cosine(got, ref)
     print(f"{arch}: real speech, min cosine batch vs single = {float(cos.min()):.10f}")
     assert float(cos.min()) >= 0.99999
+
+
+def test_from_model_wraps_in_memory_model(wavs):
+    """from_model (used by the trainer) shares the masked forward and gives the same embeddings."""
+    m = model("ecapa")
+    w = EspnetSpeakerModel.from_model(m.model)
+    assert w.batch_mode == "masked" and w.embed_dim == m.embed_dim and w.sample_rate == m.sample_rate
+    wav, lengths = H.pad_batch(wavs[:3])
+    torch.testing.assert_close(w.embed(wav, lengths), m.embed(wav, lengths))

@@ -507,6 +507,10 @@ class EspnetSpeakerModel(EmbeddingModel):
         self.embed_dim = int(self._find_embed_dim())
         self.min_samples = int(self._find_min_samples())
 
+        self._choose_batch_mode(batch_mode)
+
+    def _choose_batch_mode(self, batch_mode: str) -> None:
+        """Set :attr:`batch_mode` from the requested one; warn when ``"auto"`` has to fall back."""
         ok, reason = masked_support(self.model)
         self.masked_unsupported_reason = reason
         self.requested_batch_mode = batch_mode
@@ -559,12 +563,7 @@ class EspnetSpeakerModel(EmbeddingModel):
         self.sample_rate = int(sample_rate) if sample_rate else int(self._find_sample_rate(None))
         self.embed_dim = int(self._find_embed_dim())
         self.min_samples = int(self._find_min_samples())
-        ok, reason = masked_support(model)
-        self.masked_unsupported_reason = reason
-        self.requested_batch_mode = batch_mode
-        if batch_mode == "masked" and not ok:
-            raise ValueError(f"batch_mode='masked' not available: {reason}")
-        self.batch_mode = ("masked" if ok else "grouped") if batch_mode == "auto" else batch_mode
+        self._choose_batch_mode(batch_mode)
         return self
 
     # ------------------------------------------------------------------------------------------------------------
