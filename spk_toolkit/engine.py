@@ -453,6 +453,8 @@ def merge(plan: Plan, output_dir: str | os.PathLike, opts: ExtractOptions, extra
         summary["throughput_x_realtime"] = audio_s / summary["wall_seconds"]
         summary["utterances_per_second"] = len(emb) / summary["wall_seconds"]
     _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    for stale in (out / "shards").glob(".shard-*.tmp*"):  # partial shards of killed runs (never read)
+        stale.unlink(missing_ok=True)
     return summary
 
 

@@ -111,6 +111,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(subset, tmp_path
     assert (out / "errors.tsv").read_text() == (ref / "errors.tsv").read_text()
     keys = [k for z in sorted((out / "shards").glob("shard-*.npz")) for k in load_npz(z)["keys"].tolist()]
     assert sorted(keys) == sorted(want) and len(keys) == len(set(keys))
+    assert not list((out / "shards").glob(".shard-*"))  # partial shards of the killed runs were cleaned up
 
 
 def test_plan_reused_changed_input_refused_overwrite_starts_fresh(subset, tmp_path):
