@@ -417,6 +417,7 @@ def score(
     missing: str = "error",
     score_style: str = "kaldi",
     plots: bool = True,
+    dtype: str = "float64",
     log=print,
 ) -> dict:
     """Score trial lists end to end (the library call behind ``spk_score``).
@@ -451,6 +452,8 @@ def score(
     missing : {"error", "drop"}
     score_style : {"kaldi", "espnet"}
     plots : bool, default=True
+    dtype : {"float64", "float32"}, default="float64"
+        Matrix precision for scoring; float32 is ~2x faster for AS-norm, scores within ~1e-5.
 
     Returns
     -------
@@ -472,6 +475,9 @@ def score(
     from spk_toolkit.io.readers import load_embeddings
     from spk_toolkit.io.trials import read_trials, write_scores
 
+    if dtype not in ("float64", "float32"):
+        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    np_dtype = np.dtype(dtype)
     os.makedirs(output_dir, exist_ok=True)
     emb = load_embeddings(embeddings, average_crops=True)
     log(f"embeddings: {len(emb)} from {embeddings}")
@@ -498,12 +504,12 @@ def score(
                 utt2spk=read_utt2spk(cohort_utt2spk) if cohort_utt2spk else None,
                 spk2utt=read_spk2utt(cohort_spk2utt) if cohort_spk2utt else None,
             )
-        cohort_mat = EmbeddingTable(cemb)
+        cohort_mat = EmbeddingTable(cemb, np_dtype)
         norm = "snorm" if top_n is None or top_n >= len(cohort_mat) else f"asnorm(top_n={top_n})"
         log(f"cohort: {len(cohort_mat)} {'speaker means' if (cohort_utt2spk or cohort_spk2utt) else 'embeddings'}"
             f" from {cohort}; normalisation {norm}")
-    table = EmbeddingTable(emb)
-    result = {"embeddings": str(embeddings), "normalisation": norm, "trials": {}}
+    table = EmbeddingTable(emb, np_dtype)
+    result = {"embeddings": str(embeddings), "normalisation": norm, "dtype": dtype, "trials": {}}
     taken: set = set()
     for tpath in trials:
         tr = read_trials(tpath, trials_format)
@@ -512,7 +518,7 @@ def score(
         for n in res.notes:
             log(f"[{name}] {n}")
         s, raw = score_trials(table, tr, cohort=cohort_mat, top_n=top_n, mean=mean, root=trials_root,
-                              on_missing=missing, return_raw=True)
+                              on_missing=missing, return_raw=True, dtype=np_dtype)
         score_path = os.path.join(output_dir, f"{name}.score")
         write_scores(score_path, tr, s, style=score_style)
         entry = {"path": str(tpath), "format": tr.fmt, "n_trials": len(tr), "n_scored": int(res.kept.sum()),

@@ -114,6 +114,8 @@ def test_asnorm_via_config(problem, capsys):
         f"asnorm_top_n: 10\noutput_dir: {d / 'asn'}\n"
     )
     assert main(["--config", str(cfg), "--no_plots"]) == 0
+    assert main(["--config", str(cfg), "--no_plots", "--dtype", "float32", "--output_dir", str(d / "asn32")]) == 0
+    s32 = np.array([float(l.split()[2]) for l in (d / "asn32" / "veri.score").read_text().splitlines()])
     printed = capsys.readouterr().out
     assert "asnorm(top_n=10)" in printed
     m = json.loads((d / "asn" / "metrics.json").read_text())
@@ -132,6 +134,7 @@ def test_asnorm_via_config(problem, capsys):
         ref.append(0.5 * ((s - me) / se + (s - mt) / st))
     got = np.array([float(l.split()[2]) for l in (d / "asn" / "veri.score").read_text().splitlines()])
     assert np.max(np.abs(got - np.array(ref))) < 1e-5  # 6 decimals in the score file
+    assert np.max(np.abs(s32 - np.array(ref))) < 1e-4
 
 
 def test_config_unknown_key_is_an_error(problem, capsys):

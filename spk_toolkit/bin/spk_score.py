@@ -38,6 +38,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing", default="error", choices=("error", "drop"), help="trials with unknown keys")
     p.add_argument("--score_style", default="kaldi", choices=("kaldi", "espnet"))
     p.add_argument("--no_plots", action="store_true", help="skip the DET and histogram PNGs")
+    p.add_argument("--dtype", default="float64", choices=("float64", "float32"),
+                   help="matrix precision; float32 is ~2x faster for AS-norm (scores within ~1e-5)")
     return p
 
 
@@ -72,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             missing=args.missing,
             score_style=args.score_style,
             plots=not args.no_plots,
+            dtype=args.dtype,
         )
     except (MissingKeysError, ValueError, FileNotFoundError) as e:
         print(f"spk_score: error: {e}", file=sys.stderr)
