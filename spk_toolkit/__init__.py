@@ -128,12 +128,3 @@ def score_trials(embeddings, trials, fmt: str = "auto", p_targets=(0.01, 0.05)) 
         out.update(n_target=int(m["n_target"]), n_nontarget=int(m["n_nontarget"]), eer_pct=100.0 * m["eer"],
                    min_dcf={float(k): float(v) for k, v in m["min_dcf"].items()})
     return out
-
-
-def format_metrics(res: dict, name: str = "") -> str:
-    """One-line table of :func:`score_trials` results (EER in %)."""
-    if "eer_pct" not in res:
-        return f"{name}: {res['n_trials']} trials scored (unlabelled)"
-    dcf = "  ".join(f"minDCF(p_target={p:g})={v:.4f}" for p, v in res["min_dcf"].items())
-    return (f"{name}: EER={res['eer_pct']:.2f}%  {dcf}  "
-            f"({res['n_trials']} trials: {res['n_target']} target, {res['n_nontarget']} nontarget)")

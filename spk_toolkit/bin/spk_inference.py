@@ -40,7 +40,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", default=None,
                    help="Dask parallel config YAML (env: local|local_gpu|slurm|pbs|sge, n_workers, options); "
                         "omit for in-process, or launch with torchrun for one rank per device")
-    p.add_argument("--trials", action="append", default=None, help="trial list(s) to score (any supported format)")
+    p.add_argument("--trials", nargs="+", default=None, help="trial list(s) to score (any supported format)")
     p.add_argument("--trials_format", default="auto")
     p.add_argument("--progress", type=str2bool, default=True)
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -71,11 +71,22 @@ def main(argv=None) -> int:
     from spk_toolkit.engine import format_summary
 
     print(format_summary(summary))
-    for t in args.trials or []:
-        res = spk_toolkit.score_trials(summary["outputs"].get("npz") or args.output_dir, t, fmt=args.trials_format)
-        print(spk_toolkit.format_metrics(res, name=t))
-        with open(f"{args.output_dir}/metrics.json", "w") as f:
-            json.dump(res, f, indent=2, default=str)
+    if args.trials:
+        # The same library call as `spk_score` (score files, metrics.json, DET plot under output_dir/scores).
+        from spk_toolkit.scoring import format_table, score
+
+        emb_path = summary["outputs"].get("npz") or summary["outputs"].get("kaldi_ark")
+        try:
+            result = score(emb_path, args.trials, f"{args.output_dir}/scores", trials_format=args.trials_format)
+        except (ValueError, FileNotFoundError) as e:  # e.g. trials naming utterances that have no embedding
+            print(f"spk_inference: error scoring {' '.join(args.trials)}: {e}", file=sys.stderr)
+            return 1
+        print(format_table(result))
+        for name, e in result["trials"].items():
+            for k in ("det_png", "hist_png"):
+                if k in e:
+                    print(f"{k:<11}: {e[k]}")
+        print(f"metrics    : {result['metrics_json']}")
     return 0
 
 
