@@ -35,7 +35,9 @@ Policies (documented choices)
   ``mindcf_p01`` at P_target = 0.01, C_miss = C_fa = 1, normalised (NIST SRE 2016 eval plan eq. 2-4);
   ``trg_mean``/``trg_std``/``nontrg_mean``/``nontrg_std`` are population mean and standard deviation of the
   target / nontarget cosine scores; ``n_trials``.
-* **Distributed**: the device is that of the model's parameters (CPU/gloo and CUDA/NCCL alike); a
+* **Distributed**: the device is that of the model's parameters (CPU/gloo and CUDA/NCCL alike); the model's
+  buffers are first broadcast from rank 0 (ranks' BatchNorm statistics diverge in the last training step, see
+  :func:`sync_buffers`), so every rank validates the model rank 0 saves; a
   ``DistributedDataParallel`` wrapper is removed before any forward (its forward would run a collective per call,
   and ranks embed different numbers of utterances). No collective runs inside the loop; afterwards each rank's
   (trial ids, scores, labels) are gathered with ``all_gather_object`` so every rank registers the same metrics.
@@ -250,6 +252,18 @@ class UniqueEmbedder:
         self.n_rows += int(sum(counts))
         self.n_forward += 1
         self._pending = []
+
+
+def sync_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Broadcast every buffer (BatchNorm running statistics, ...) of ``model`` from rank ``src``.
+
+    After the last training step each DDP rank has updated its BatchNorm running statistics with its own batch
+    (DDP re-broadcasts rank 0's buffers only at the *next* forward), so without this every rank would validate a
+    slightly different model and the EER would not be that of the checkpoint rank 0 saves. Parameters are
+    identical across ranks already (DDP averages gradients).
+    """
+    for b in model.buffers():
+        torch.distributed.broadcast(b.data, src)
 
 
 def _gather_objects(obj, world: int):
@@ -474,6 +488,8 @@ class SpkTrainer(Trainer):
         rank, world = dist_info(distributed_option)
         net = unwrap_model(model)
         net.eval()
+        if world > 1:
+            sync_buffers(net)
         emb: Optional[UniqueEmbedder] = None
         enroll: List[str] = []
         test: List[str] = []

@@ -1,0 +1,117 @@
+"""ESPnet training with spk_toolkit's SpkTrainer on real speech (4 fillets speakers), 1 and 2 processes.
+
+Data: ``bin/prepare_spk_train.sh`` on ``data/fillets_small`` (12 utterances of each of cs_m, cs_v, nl_m, nl_v):
+32 training utterances, 16 held-out utterances -> 120 validation trials (24 target). Tiny models
+(conf/train_xvector.yaml, conf/train_ecapa.yaml), 1 s crops, 2 epochs.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("espnet2")
+
+from spk_toolkit.recipes.espnet_spk import prepare, train_args  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TRIALS = 120
+
+
+@pytest.fixture(scope="module")
+def dump(fillets_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("spk_train_dump")
+    s = prepare(fillets_small, out, valid_per_spk=4)
+    assert s["n_spk"] == 4 and s["n_trials"] == N_TRIALS
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(dump: Path, out: Path, config: str, nproc: int = 1) -> str:
+    """Run ``python -m spk_toolkit.bin.spk_train`` (under torchrun when nproc > 1); return its log."""
+    args = ["-m", "spk_toolkit.bin.spk_train", "--config", str(ROOT / "conf" / config), "--ngpu", "0",
+            "--output_dir", str(out), *train_args(dump)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        cmd = [torchrun, f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", *args, "--dist_backend", "gloo"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    return log
+
+
+def epoch_results(log: str) -> dict:
+    """``{epoch: {stat: value}}`` of the ``[valid]`` part of ESPnet's 'Nepoch results' lines."""
+    out = {}
+    for m in re.finditer(r"(\d+)epoch results: .*?\[valid\] (.*)", log):
+        out[int(m.group(1))] = {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.e+]+)", m.group(2))}
+    return out
+
+
+def registered(exp: Path):
+    """The Reporter saved in checkpoint.pth (full precision values)."""
+    import torch
+    from espnet2.train.reporter import Reporter
+
+    rep = Reporter()
+    rep.load_state_dict(torch.load(exp / "checkpoint.pth", map_location="cpu", weights_only=False)["reporter"])
+    return rep
+
+
+def check_log(log: str, exp: Path) -> dict:
+    res = epoch_results(log)
+    assert sorted(res) == [1, 2], log[-3000:]
+    for ep, st in res.items():
+        for k in ("eer", "mindcf", "mindcf_p01", "trg_mean", "trg_std", "nontrg_mean", "nontrg_std"):
+            assert k in st, (ep, st)
+        assert 0 <= st["eer"] <= 100 and 0 <= st["mindcf"] <= 1.0 + 1e-9
+        assert st["n_trials"] == N_TRIALS  # all trials, also when gathered from 2 ranks
+    assert (exp / "valid.eer.best.pth").exists()
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["train_xvector.yaml", "train_ecapa.yaml"])
+def test_train_two_epochs_single_process(dump, tmp_path, config):
+    from spk_toolkit.train.spk_trainer import validate_checkpoint
+
+    exp = tmp_path / "exp"
+    check_log(train(dump, exp, config), exp)
+    rep = registered(exp)
+    best = rep.get_best_epoch("valid", "eer", "min")
+    again = validate_checkpoint(exp / "config.yaml", exp / "valid.eer.best.pth")
+    assert again["eer"] == pytest.approx(rep.get_value("valid", "eer", best), abs=1e-6)
+    assert again["mindcf"] == pytest.approx(rep.get_value("valid", "mindcf", best), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_train_torchrun_two_processes_gloo(dump, tmp_path):
+    """2 gloo ranks: validation completes and registers the EER that one process computes for that checkpoint."""
+    from spk_toolkit.train.spk_trainer import validate_checkpoint
+
+    exp = tmp_path / "exp_ddp"
+    check_log(train(dump, exp, "train_xvector.yaml", nproc=2), exp)
+    rep = registered(exp)
+    checked = 0
+    for ep in (1, 2):
+        pth = exp / f"{ep}epoch.pth"
+        if not pth.exists():
+            continue
+        single = validate_checkpoint(exp / "config.yaml", pth)
+        for k in ("eer", "mindcf", "mindcf_p01", "n_trials", "trg_mean", "nontrg_std"):
+            assert single[k] == pytest.approx(rep.get_value("valid", k, ep), abs=1e-6), (ep, k)
+        checked += 1
+    assert checked >= 1
