@@ -219,6 +219,7 @@ def score_trials(
     cohort_block_size: int = 4096,
     dtype=np.float64,
     return_raw: bool = False,
+    notes: Optional[list] = None,
 ):
     """Cosine scores, optionally AS-norm / S-norm normalised against a cohort.
 
@@ -246,6 +247,8 @@ def score_trials(
         (cohort statistics are always accumulated in float64).
     return_raw : bool, default=False
         Also return the raw cosine scores.
+    notes : list, optional
+        When given, the key-normalisation report (see :func:`spk_toolkit.io.trials.resolve_keys`) is appended.
 
     Returns
     -------
@@ -260,6 +263,8 @@ def score_trials(
     """
     trials = _as_trials(trials)
     prep = _Prepared(embeddings, trials, mean, root, on_missing, dtype)
+    if notes is not None:
+        notes.extend(prep.resolution.notes)
     raw_kept = _gather_dot(prep.matrix, prep.enroll_idx, prep.matrix, prep.test_idx, block_size)
     out_kept = raw_kept
     if cohort is not None:
@@ -514,17 +519,18 @@ def score(
     for tpath in trials:
         tr = read_trials(tpath, trials_format)
         name = _unique_name(tr.name, taken)
-        res = resolve_keys(tr, table.keys, root=trials_root, on_missing=missing)
-        for n in res.notes:
-            log(f"[{name}] {n}")
+        key_notes: list = []
         s, raw = score_trials(table, tr, cohort=cohort_mat, top_n=top_n, mean=mean, root=trials_root,
-                              on_missing=missing, return_raw=True, dtype=np_dtype)
+                              on_missing=missing, return_raw=True, dtype=np_dtype, notes=key_notes)
+        for n in key_notes:
+            log(f"[{name}] {n}")
+        ok = np.isfinite(s)  # NaN only for trials dropped with missing="drop"
         score_path = os.path.join(output_dir, f"{name}.score")
-        write_scores(score_path, tr, s, style=score_style)
-        entry = {"path": str(tpath), "format": tr.fmt, "n_trials": len(tr), "n_scored": int(res.kept.sum()),
-                 "key_notes": res.notes, "score_file": score_path}
+        # dropped trials (missing="drop") are left out of the score file rather than written as NaN
+        write_scores(score_path, tr if ok.all() else tr.subset(ok), s if ok.all() else s[ok], style=score_style)
+        entry = {"path": str(tpath), "format": tr.fmt, "n_trials": len(tr), "n_scored": int(ok.sum()),
+                 "key_notes": key_notes, "score_file": score_path}
         if tr.labels is not None:
-            ok = res.kept
             m = M.compute_metrics(s[ok], tr.labels[ok], p_targets, eer_method=eer_method, with_cllr=cllr)
             entry.update(_metrics_json(m))
             if cohort_mat is not None:

@@ -58,6 +58,7 @@ def test_cli_outputs_and_metrics(problem, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "EER %" in printed and "minDCF 0.01" in printed and "minDCF 0.05" in printed and "Cllr" in printed
+    assert "stripped the audio extension from 72 of 72 unique trial keys" in printed
     ref = np.array([_cos(emb[a], emb[b]) for a, b in pairs])
     rows = [l.split() for l in (out / "veri.score").read_text().splitlines()]
     assert len(rows) == len(pairs)
@@ -166,3 +167,28 @@ def test_module_entry_point(problem):
     )
     assert r.returncode == 0, r.stderr
     assert "kaldi_trials" in r.stdout and (d / "mod" / "metrics.json").exists()
+
+
+def test_missing_drop_and_espnet_trials(problem, capsys):
+    d, emb, _, pairs, lab = problem
+    keys = sorted(emb)
+    part = {k: v for k, v in emb.items() if k != keys[0]}
+    np.savez_compressed(d / "part1.npz", **part)
+    esp = d / "esp"
+    esp.mkdir(exist_ok=True)
+    (esp / "trial.scp").write_text("".join(f"{a}*{b} /w/{a}.wav\n" for a, b in pairs))
+    (esp / "trial2.scp").write_text("".join(f"{a}*{b} /w/{b}.wav\n" for a, b in pairs))
+    (esp / "trial_label").write_text("".join(f"{a}*{b} {l}\n" for l, (a, b) in zip(lab, pairs)))
+    out = d / "drop"
+    assert main(["--embeddings", str(d / "part1.npz"), "--trials", str(esp), "--output_dir", str(out),
+                 "--missing", "drop", "--score_style", "espnet", "--no_plots"]) == 0
+    assert "dropped: 1 of 72 utterances" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())["trials"]["esp"]
+    n_drop = sum(1 for a, b in pairs if keys[0] in (a, b))
+    assert m["format"] == "espnet" and m["n_scored"] == len(pairs) - n_drop > 0
+    keep = np.array([keys[0] not in (a, b) for a, b in pairs])
+    assert m["n_target"] + m["n_nontarget"] == keep.sum() and m["n_target"] == lab[keep].sum()
+    rows = (out / "esp.score").read_text().splitlines()
+    assert len(rows) == keep.sum() and "nan" not in "".join(rows)
+    first = pairs[int(np.argmax(keep))]
+    assert rows[0].split()[0] == f"{first[0]}*{first[1]}" and rows[0].split()[2] in ("0", "1")

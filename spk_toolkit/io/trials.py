@@ -91,6 +91,14 @@ class Trials:
     def __len__(self) -> int:
         return int(self.enroll.shape[0])
 
+    def subset(self, mask: np.ndarray) -> "Trials":
+        """The trials where ``mask`` (bool, (n_trials,)) is True, in order."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.enroll.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match {len(self)} trials")
+        labels = None if self.labels is None else self.labels[mask]
+        return Trials(self.enroll[mask], self.test[mask], labels, self.fmt, self.path)
+
     @property
     def name(self) -> str:
         """A short name for output files (the list's file name without extension, or the ESPnet dir name)."""
