@@ -557,7 +557,7 @@ def score(
         result["trials"][name] = entry
     mpath = os.path.join(output_dir, "metrics.json")
     with open(mpath + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(result, f, indent=2, allow_nan=False)
     os.replace(mpath + ".tmp", mpath)
     result["metrics_json"] = mpath
     return result
@@ -570,7 +570,8 @@ def _metrics_json(m: dict) -> dict:
         "eer": m["eer"],
         "eer_pct": 100 * m["eer"],
         "min_dcf": {f"{p:g}": v for p, v in m["min_dcf"].items()},
-        "min_dcf_threshold": {f"{p:g}": v for p, v in m["min_dcf_threshold"].items()},
+        # +inf (reject everything is optimal) is written as null: strict JSON has no Infinity
+        "min_dcf_threshold": {f"{p:g}": (v if np.isfinite(v) else None) for p, v in m["min_dcf_threshold"].items()},
     }
     for k in ("cllr", "min_cllr"):
         if k in m:
