@@ -87,11 +87,21 @@ class EmbeddingTable:
 
 
 def _as_trials(trials: TrialsLike) -> Trials:
+    """Accept a Trials, an (enroll, test[, labels]) tuple of sequences, or a list of (enroll, test[, label]) rows."""
     if isinstance(trials, Trials):
         return trials
-    if isinstance(trials, tuple) and len(trials) in (2, 3):
+    if isinstance(trials, tuple) and len(trials) in (2, 3) and not isinstance(trials[0], str):
         return Trials(*trials)
-    raise TypeError(f"trials must be a Trials or an (enroll, test[, labels]) tuple, got {type(trials).__name__}")
+    if isinstance(trials, (list, tuple)) and trials and all(isinstance(r, (list, tuple)) for r in trials):
+        widths = {len(r) for r in trials}
+        if widths == {2}:
+            return Trials([r[0] for r in trials], [r[1] for r in trials])
+        if widths == {3}:
+            return Trials([r[0] for r in trials], [r[1] for r in trials], [int(r[2]) for r in trials])
+    raise TypeError(
+        "trials must be a Trials, an (enroll, test[, labels]) tuple of sequences or a list of "
+        f"(enroll, test[, label]) rows, got {type(trials).__name__}"
+    )
 
 
 def _normalise_rows(x: np.ndarray, keys: Sequence[str], mean: Optional[np.ndarray] = None) -> np.ndarray:

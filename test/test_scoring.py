@@ -163,3 +163,13 @@ def test_float32_matrices_close_to_float64():
     a = score_trials(emb, trials, cohort=cohort, top_n=10)
     b = score_trials(emb, trials, cohort=cohort, top_n=10, dtype=np.float32)
     assert b.dtype == np.float64 and np.max(np.abs(a - b)) < 1e-4
+
+
+def test_trials_as_tuple_or_rows():
+    emb, trials, _ = make_problem(8, n_trials=20)
+    ref = cosine_score(emb, trials)
+    rows = list(zip(trials.enroll.tolist(), trials.test.tolist()))
+    assert np.array_equal(cosine_score(emb, (trials.enroll.tolist(), trials.test.tolist())), ref)
+    assert np.array_equal(cosine_score(emb, rows), ref)
+    with pytest.raises(TypeError, match="trials must be"):
+        cosine_score(emb, "trials.txt")
