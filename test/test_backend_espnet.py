@@ -60,7 +60,7 @@ def test_batch_invariance(arch, wavs, singles):
     m = model(arch)
     ref = singles[arch]
     order = np.random.default_rng(1).permutation(len(wavs)).tolist()
-    seeds = (2,) if arch == "resnet34" else (2, 3, 4)  # the ResNet is the costly one on 2 CPU cores
+    seeds = (2,) if arch == "resnet34" else (2, 3)  # the ResNet is the costly one on 2 CPU cores
     groupings = [[order]] + [H.random_groups(len(wavs), seed) for seed in seeds]
     worst = 1.0
     for groups in groupings:
@@ -219,3 +219,35 @@ def test_from_model_wraps_in_memory_model(wavs):
     assert w.batch_mode == "masked" and w.embed_dim == m.embed_dim and w.sample_rate == m.sample_rate
     wav, lengths = H.pad_batch(wavs[:3])
     torch.testing.assert_close(w.embed(wav, lengths), m.embed(wav, lengths))
+
+
+VARIANTS = {
+    # mean pooling on the x-vector encoder
+    "xvector_mean": ("xvector", {"pooling": "mean", "projector_conf": {"output_size": 32}}),
+    # Bottleneck ResNet (resnet50 layout) with attentive statistics pooling on the strided time axis
+    "resnet50_chn_attn": ("resnet34", {"encoder_conf": {"resnet_type": "resnet50", "m_channels": 2},
+                                       "pooling": "chn_attn_stat"}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_other_covered_combinations(variant, tmp_path, wavs):
+    """Other covered layer combinations: invariant in batches and equal to ESPnet's forward alone."""
+    import yaml
+
+    from spk_toolkit.backends.espnet import build_random_model
+
+    base, over = VARIANTS[variant]
+    conf = yaml.safe_load(H.CONFIGS[base].read_text())
+    conf.update(over)
+    path = tmp_path / f"{variant}.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    m = build_random_model(path, seed=0)
+    assert m.batch_mode == "masked"
+    w = [wavs[0], wavs[2], wavs[4]]
+    ref = H.embed_in_groups(m, w, [[0], [1], [2]])
+    assert float(H.cosine(H.embed_in_groups(m, w, [[2, 0, 1]]), ref).min()) >= 0.99999
+    x = torch.from_numpy(w[1])[None]
+    with torch.inference_mode():
+        theirs = m.model(x.clone(), extract_embd=True).float()
+    torch.testing.assert_close(ref[1:2], theirs, atol=1e-5 * max(1.0, float(theirs.abs().max())), rtol=1e-5)

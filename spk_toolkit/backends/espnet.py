@@ -124,8 +124,9 @@ def _masked_xvector(enc, feats: torch.Tensor, lengths: torch.Tensor) -> Tuple[to
     return x, lengths
 
 
-def _masked_se(se_module, x: torch.Tensor, m: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Squeeze-excitation ``SEModule`` with a mean over valid frames only (replaces ``AdaptiveAvgPool1d``)."""
+def _masked_se(se_module, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Squeeze-excitation ``SEModule`` with a mean over valid frames only (replaces ``AdaptiveAvgPool1d``);
+    ``x`` (B, C, T) must be zero on padded frames."""
     s = x.sum(dim=-1, keepdim=True) / lengths.to(x.dtype).clamp(min=1).view(-1, 1, 1)
     for layer in list(se_module.se)[1:]:
         s = layer(s)
@@ -146,7 +147,7 @@ def _masked_ecapa_block(blk, x: torch.Tensor, lengths: torch.Tensor) -> torch.Te
         pieces.append(sp)
     pieces.append(spx[blk.nums])
     out = blk.bn3(blk.relu(blk.conv3(torch.cat(pieces, 1)))) * m
-    out = _masked_se(blk.se, out, m, lengths)
+    out = _masked_se(blk.se, out, lengths)
     return (out + residual) * m
 
 
