@@ -206,10 +206,17 @@ def cohort_stats(
     mu = np.empty(x.shape[0])
     sd = np.empty(x.shape[0])
     ct = np.ascontiguousarray(cohort.T)
+    dtype = np.result_type(x.dtype, cohort.dtype)
+    # one reusable (block, n_cohort) buffer: the product is written into it and partitioned in place, so no
+    # block allocates (and page-faults) fresh memory
+    buf = np.empty((min(block_size, x.shape[0]), n_c), dtype=dtype)
     for s in range(0, x.shape[0], block_size):
-        sc = x[s : s + block_size] @ ct
+        xb = x[s : s + block_size]
+        sc = buf[: xb.shape[0]]
+        np.matmul(xb, ct, out=sc)
         if k < n_c:
-            sc = np.partition(sc, n_c - k, axis=1)[:, n_c - k :]
+            sc.partition(n_c - k, axis=1)
+            sc = sc[:, n_c - k :]
         sc = sc.astype(np.float64, copy=False)  # statistics in float64 whatever the matrix dtype
         mu[s : s + block_size] = sc.mean(axis=1)
         sd[s : s + block_size] = sc.std(axis=1)
