@@ -31,12 +31,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(cmd, env=None) -> float:
+def run(cmd, env=None) -> tuple:
+    """Run ``cmd``; return (wall seconds, CPU seconds of it and its descendants: user + system)."""
+    import resource
+
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{p.stderr[-3000:]}")
-    return time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - t, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def breakdown(data: str, shard_duration: float) -> dict:
@@ -123,19 +128,21 @@ def main() -> int:
     for name, cmd in runs.items():
         if keys[name] in skip:
             continue
-        wall = run(cmd, env={"OMP_NUM_THREADS": "1"} if "x2" in name else None)
+        wall, cpu = run(cmd, env={"OMP_NUM_THREADS": "1"})  # one thread per process everywhere: fair on 2 cores
         s = json.loads((out / keys[name] / "summary.json").read_text())
-        res["runs"][name] = {"wall_s_incl_startup": wall, "engine_wall_s": s["wall_seconds"],
+        res["runs"][name] = {"wall_s_incl_startup": wall, "cpu_s": cpu, "engine_wall_s": s["wall_seconds"],
                              "audio_s_after_vad": s["audio_hours"] * 3600,
                              "shards": s["shards"], "shard_wall_mean_s": s["shard_wall_seconds_mean"]}
     if "breakdown" not in skip:
         res["breakdown"] = breakdown(a.data, a.shard_duration)
     res["load_average_after"] = os.getloadavg()
     audio = res.get("breakdown", {}).get("audio_seconds")
-    print(f"{'run':<24}{'wall incl. start (s)':>22}{'engine wall (s)':>17}{'x real time':>13}")
+    print(f"{'run':<24}{'wall incl. start (s)':>22}{'engine wall (s)':>17}{'x real time':>13}{'CPU s':>8}")
     for name, r in res["runs"].items():
         xrt = (audio / r["wall_s_incl_startup"]) if audio else float("nan")
-        print(f"{name:<24}{r['wall_s_incl_startup']:>22.1f}{r['engine_wall_s']:>17.1f}{xrt:>13.2f}")
+        print(f"{name:<24}{r['wall_s_incl_startup']:>22.1f}{r['engine_wall_s']:>17.1f}{xrt:>13.2f}"
+              f"{r['cpu_s']:>8.1f}")
+    print(f"load average before/after: {res['load_average_before']} / {res['load_average_after']}")
     if "breakdown" in res:
         b = res["breakdown"]
         print(f"\nbreakdown over {b['utterances']} utterances, {b['audio_seconds']:.1f} s audio, {b['shards']} shards "
