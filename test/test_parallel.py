@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spk_toolkit.engine import extract
+from spk_toolkit.engine import extract, shard_path
 from spk_toolkit.io.datadir import load_kaldi_dir
 from spk_toolkit.parallel import assign_shards
 
@@ -106,8 +107,13 @@ def test_torchrun_two_ranks_gloo(subset, reference, tmp_path):
 def test_dask_local_cluster_two_workers(subset, reference, tmp_path):
     from spk_toolkit import extract_embeddings
 
-    ref, _ = reference
+    ref, ref_summary = reference
     out = tmp_path / "dask"
+    # a previous run (the reference: same plan) left 2 finished shards: the Dask run must resume them
+    (out / "shards").mkdir(parents=True)
+    shutil.copy(ref_summary["outputs"]["npz"].replace("embeddings.npz", "plan.json"), out / "plan.json")
+    for k in (0, 3):
+        shutil.copy(shard_path(Path(ref_summary["outputs"]["npz"]).parent, k), shard_path(out, k))
     s = extract_embeddings(subset, out, parallel={"env": "local", "n_workers": 2}, **OPTS)
     got = load_npz(out / "embeddings.npz")
     assert list(got) == list(ref)
@@ -118,7 +124,9 @@ def test_dask_local_cluster_two_workers(subset, reference, tmp_path):
     assert [w["model_loads"] for w in workers] == [1, 1]  # built once per worker, never per shard
     assert len({w["pid"] for w in workers}) == 2 and os.getpid() not in {w["pid"] for w in workers}
     ran = sorted(k for w in workers for k in w["shards"])
-    assert ran == list(range(s["shards"]))  # every shard exactly once
+    assert ran == [k for k in range(s["shards"]) if k not in (0, 3)]  # every unfinished shard exactly once
+    assert all(w["shards"] for w in workers)  # both workers took part
+    assert s["shards_resumed"] == 2
 
 
 def test_parallel_config_validation(tmp_path):
