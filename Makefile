@@ -10,11 +10,9 @@ setup:
 data: setup
 	@bash bin/prepare_fillets.sh $(DATA)
 
-demo: setup data
+demo: setup data  # extract + score (EER, minDCF, DET plot under exp/demo/scores)
 	$(PY) -m spk_toolkit.bin.spk_inference --config conf/inference.yaml \
 	    --data_dir $(DATA)/fillets_demo --output_dir exp/demo --trials $(DATA)/fillets_demo_trials.txt
-	$(PY) -m spk_toolkit.bin.spk_score --embeddings exp/demo/embeddings.npz \
-	    --trials $(DATA)/fillets_demo_trials.txt --output_dir exp/demo/scores
 
 test: setup data
 	$(PY) -m pytest -q -ra test
