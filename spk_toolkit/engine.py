@@ -75,6 +75,9 @@ class ExtractOptions:
         Discard an existing plan/shards in ``output_dir`` instead of resuming.
     progress : bool
         Show a tqdm bar.
+    torch_threads : int
+        Intra-op threads for the model while embedding (0 = leave torch's setting). On a small CPU box, cores
+        minus ``num_workers`` avoids oversubscription (decoding workers and model threads competing).
     """
 
     batch_bins: int = 16000 * 240
@@ -87,6 +90,7 @@ class ExtractOptions:
     shard_duration: float = 600.0
     overwrite: bool = False
     progress: bool = True
+    torch_threads: int = 0
 
     def __post_init__(self):
         self.output_format = parse_formats(self.output_format)
@@ -330,53 +334,59 @@ def run_shards(
         pbar = tqdm(total=round(total_s), unit="s", unit_scale=True, desc="embedding audio", position=progress_position,
                     dynamic_ncols=True, mininterval=1.0)
     n_err_total = 0
-    t0 = time.perf_counter()
-    loader = batch_loader(ds, batches, tags, num_workers=opts.num_workers)
-    for batch in loader:
-        k = batch.tag
-        a = acc.setdefault(k, {"keys": [], "embs": [], "errors": [], "seconds": 0.0, "t0": t0})
-        for i, reason in batch.errors:
-            u = plan.utts[i]
-            n_err_total += 1
-            if opts.on_error == "raise":
-                raise ExtractionError(f"utterance {u.utt_id!r} ({u.path}): {reason}")
-            logger.warning("skipping utterance %s (%s): %s", u.utt_id, u.path, reason)
-            a["errors"].append((u.utt_id, u.path, reason))
-        if len(batch.indices):
-            emb = model.embed(batch.wav, batch.lengths)
-            emb = emb.detach().float().cpu().numpy()
-            bad = ~np.isfinite(emb).all(axis=1)
-            for row, i in enumerate(batch.indices):
+    prev_threads = torch.get_num_threads()
+    if opts.torch_threads > 0:
+        torch.set_num_threads(opts.torch_threads)
+    try:
+        t0 = time.perf_counter()
+        loader = batch_loader(ds, batches, tags, num_workers=opts.num_workers)
+        for batch in loader:
+            k = batch.tag
+            a = acc.setdefault(k, {"keys": [], "embs": [], "errors": [], "seconds": 0.0, "t0": t0})
+            for i, reason in batch.errors:
                 u = plan.utts[i]
-                if bad[row]:
-                    n_err_total += 1
-                    reason = "model produced a non-finite embedding"
-                    if opts.on_error == "raise":
-                        raise ExtractionError(f"utterance {u.utt_id!r} ({u.path}): {reason}")
-                    logger.warning("skipping utterance %s (%s): %s", u.utt_id, u.path, reason)
-                    a["errors"].append((u.utt_id, u.path, reason))
-                else:
-                    a["keys"].append(u.utt_id)
-                    a["embs"].append(emb[row])
-            a["seconds"] += float(batch.lengths.sum()) / model.sample_rate
-        if 0 <= opts.max_errors < n_err_total:
-            raise ExtractionError(f"more than --max_errors {opts.max_errors} utterances failed; see the log")
+                n_err_total += 1
+                if opts.on_error == "raise":
+                    raise ExtractionError(f"utterance {u.utt_id!r} ({u.path}): {reason}")
+                logger.warning("skipping utterance %s (%s): %s", u.utt_id, u.path, reason)
+                a["errors"].append((u.utt_id, u.path, reason))
+            if len(batch.indices):
+                emb = model.embed(batch.wav, batch.lengths)
+                emb = emb.detach().float().cpu().numpy()
+                bad = ~np.isfinite(emb).all(axis=1)
+                for row, i in enumerate(batch.indices):
+                    u = plan.utts[i]
+                    if bad[row]:
+                        n_err_total += 1
+                        reason = "model produced a non-finite embedding"
+                        if opts.on_error == "raise":
+                            raise ExtractionError(f"utterance {u.utt_id!r} ({u.path}): {reason}")
+                        logger.warning("skipping utterance %s (%s): %s", u.utt_id, u.path, reason)
+                        a["errors"].append((u.utt_id, u.path, reason))
+                    else:
+                        a["keys"].append(u.utt_id)
+                        a["embs"].append(emb[row])
+                a["seconds"] += float(batch.lengths.sum()) / model.sample_rate
+            if 0 <= opts.max_errors < n_err_total:
+                raise ExtractionError(f"more than --max_errors {opts.max_errors} utterances failed; see the log")
+            if pbar is not None:
+                pbar.update(round(sum(plan.utts[i].duration or 0 for i in batch.indices) + sum(
+                    plan.utts[i].duration or 0 for i, _ in batch.errors)))
+            remaining[k] -= 1
+            if remaining[k] == 0:
+                a = acc.pop(k)
+                _write_shard(output_dir, k, a["keys"], a["embs"], a["errors"], model.embed_dim, a["seconds"],
+                             time.perf_counter() - a["t0"])
+                t0 = time.perf_counter()
+                stats["shards_run"] += 1
+                stats["utterances"] += len(a["keys"])
+                stats["errors"] += len(a["errors"])
+                if on_shard_done is not None:
+                    on_shard_done(k)
         if pbar is not None:
-            pbar.update(round(sum(plan.utts[i].duration or 0 for i in batch.indices) + sum(
-                plan.utts[i].duration or 0 for i, _ in batch.errors)))
-        remaining[k] -= 1
-        if remaining[k] == 0:
-            a = acc.pop(k)
-            _write_shard(output_dir, k, a["keys"], a["embs"], a["errors"], model.embed_dim, a["seconds"],
-                         time.perf_counter() - a["t0"])
-            t0 = time.perf_counter()
-            stats["shards_run"] += 1
-            stats["utterances"] += len(a["keys"])
-            stats["errors"] += len(a["errors"])
-            if on_shard_done is not None:
-                on_shard_done(k)
-    if pbar is not None:
-        pbar.close()
+            pbar.close()
+    finally:
+        torch.set_num_threads(prev_threads)
     stats["decoded"] = ds.decoded if opts.num_workers == 0 else sum(len(b) for b in batches)
     return stats
 
