@@ -180,3 +180,28 @@ def test_run_sh_3dspeaker_pipeline(fillets_small, tmp_path):
     for spk, v in se.items():
         np.testing.assert_allclose(v, np.mean([ue[k] for k in ue if k.startswith(spk + "/")], axis=0), atol=1e-6)
     assert not list(final.glob("*.pkl"))
+
+
+@pytest.mark.slow
+def test_torchrun_rank_failure_reaches_every_rank(tmp_path):
+    """--on_error raise on one rank: every rank stops with the failing utterance named (no hang at the barrier)."""
+    from spk_toolkit.testing import speechlike, write_wav
+
+    data = tmp_path / "data"
+    data.mkdir()
+    bad = speechlike(1.0)
+    bad[10] = np.nan
+    write_wav(tmp_path / "nan.wav", bad, subtype="FLOAT")
+    write_wav(tmp_path / "a.wav", speechlike(1.2))
+    write_wav(tmp_path / "b.wav", speechlike(1.1, seed=2))
+    (data / "wav.scp").write_text(f"u_a {tmp_path / 'a.wav'}\nu_b {tmp_path / 'b.wav'}\nu_nan {tmp_path / 'nan.wav'}\n")
+    torchrun = ROOT / ".venv/bin/torchrun"
+    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc_per_node=2", "-m",
+           "spk_toolkit.bin.spk_inference", "--data_dir", str(data), "--output_dir", str(tmp_path / "o"),
+           "--shard_duration", "1", "--num_workers", "0", "--progress", "false", "--on_error", "raise"]
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0
+    assert p.stderr.count("spk_inference: error: rank") == 2, p.stderr[-3000:]  # both ranks report it
+    assert "utterance 'u_nan'" in p.stderr and "non-finite" in p.stderr
+    assert not (tmp_path / "o" / "embeddings.npz").exists()

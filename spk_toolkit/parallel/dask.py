@@ -136,7 +136,8 @@ class ModelPlugin(_WorkerPlugin):
 
 
 def _load_worker_model(toolkit, model_kwargs):
-    if _STATE["model"] is None:
+    key = repr((toolkit, sorted(dict(model_kwargs).items())))
+    if _STATE["model"] is None or _STATE.get("key") != key:  # a reused client may switch models
         import torch
 
         from spk_toolkit.backends.base import load_model
@@ -145,6 +146,7 @@ def _load_worker_model(toolkit, model_kwargs):
         kw = dict(model_kwargs)
         kw["device"] = _worker_device(kw.get("device", "cpu"))
         _STATE["model"] = load_model(toolkit, **kw)
+        _STATE["key"] = key
         _STATE["loads"] += 1
     return _STATE["model"]
 
