@@ -49,7 +49,7 @@ def breakdown(data: str, shard_duration: float) -> dict:
     import torch
 
     from spk_toolkit.backends.base import load_model
-    from spk_toolkit.data import UtteranceDataset, bucket_batches, collate
+    from spk_toolkit.data import bucket_batches, collate
     from spk_toolkit.engine import ExtractOptions, _write_shard, make_shards
     from spk_toolkit.io.audio import read_audio
     from spk_toolkit.io.datadir import load_corpus, measure_durations

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +204,16 @@ def test_torchrun_rank_failure_reaches_every_rank(tmp_path):
     assert p.stderr.count("spk_inference: error: rank") == 2, p.stderr[-3000:]  # both ranks report it
     assert "utterance 'u_nan'" in p.stderr and "non-finite" in p.stderr
     assert not (tmp_path / "o" / "embeddings.npz").exists()
+
+
+def test_rank_device_and_install_hints():
+    from spk_toolkit.parallel.dask import make_cluster
+    from spk_toolkit.parallel.dist import rank_device
+
+    assert [rank_device("cuda", 3), rank_device("cuda:0", 1), rank_device("cpu", 1)] == ["cuda:3", "cuda:1", "cpu"]
+    for env, pkg in (("slurm", "dask-jobqueue"), ("local_gpu", "dask-cuda")):
+        try:
+            __import__("dask_jobqueue" if env == "slurm" else "dask_cuda")
+        except ImportError:
+            with pytest.raises(ImportError, match=f"pip install {pkg}"):
+                make_cluster({"env": env, "n_workers": 1, "options": {}})

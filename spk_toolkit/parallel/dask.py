@@ -75,7 +75,8 @@ def _import(name: str):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise ImportError(f"the Dask executor needs {name}: {_INSTALL.get(name.split('.')[0], 'pip install ' + name)}") from e
+        hint = _INSTALL.get(name.split(".")[0], "pip install " + name)
+        raise ImportError(f"the Dask executor needs {name}: {hint}") from e
 
 
 def make_cluster(cfg: dict):

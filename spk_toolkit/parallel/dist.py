@@ -50,7 +50,7 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def rank_device(device: str, local_rank: int) -> str:
-    """The device a rank uses: ``cuda`` / ``cuda:N`` -> ``cuda:LOCAL_RANK`` (one GPU per local rank), else ``device``."""
+    """The device of a rank: ``cuda`` / ``cuda:N`` -> ``cuda:LOCAL_RANK`` (one GPU per local rank), else ``device``."""
     return f"cuda:{local_rank}" if str(device).startswith("cuda") else str(device)
 
 
