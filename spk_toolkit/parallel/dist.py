@@ -146,15 +146,18 @@ def extract_distributed(data, output_dir, toolkit: str = "resemblyzer", model=No
         head = head[0]
         if not head["ok"]:
             raise (CorpusError if head["type"] == "CorpusError" else ExtractionError)(head["error"])
-        if rank != 0:
-            # overwrite was handled by rank 0; here the saved plan is reloaded (fingerprint checked)
-            plan = prepare_run(data, out, head["model_info"], dataclasses.replace(opts, overwrite=False),
-                               write_plan=False)
         mine = head["assignment"][rank]
-        # --- every rank embeds its own shards ---------------------------------------------------------------
         status = {"rank": rank, "host": socket.gethostname(), "device": device, "shards": mine, "ok": True}
         t1 = time.perf_counter()
         try:
+            if rank != 0:
+                if not (out / "plan.json").is_file():
+                    raise ExtractionError(f"{out / 'plan.json'} written by rank 0 is not visible here: --output_dir "
+                                          "must be on a file system shared by every node")
+                # overwrite was handled by rank 0; here the saved plan is reloaded (fingerprint checked)
+                plan = prepare_run(data, out, head["model_info"], dataclasses.replace(opts, overwrite=False),
+                                   write_plan=False)
+            # --- every rank embeds its own shards -----------------------------------------------------------
             stats = run_shards(plan, mine, model, out,
                                dataclasses.replace(opts, progress=opts.progress and rank == 0, overwrite=False))
             status.update(stats)
