@@ -156,6 +156,10 @@ def _worker_describe(toolkit, model_kwargs) -> dict:
     return _load_worker_model(toolkit, model_kwargs).describe()
 
 
+def _reset_worker_shards() -> None:
+    _STATE["shards"] = []
+
+
 def _worker_info() -> dict:
     return {"pid": os.getpid(), "model_loads": _STATE["loads"], "shards": list(_STATE["shards"])}
 
@@ -223,6 +227,7 @@ def extract_dask(data, output_dir, parallel, toolkit: str = "resemblyzer", model
     out = Path(output_dir)
     try:
         client.register_plugin(ModelPlugin(toolkit, model_kwargs), name=ModelPlugin.name)
+        client.run(_reset_worker_shards)  # per-run shard lists (a reused client keeps its workers)
         model_info = client.submit(_worker_describe, toolkit, model_kwargs, pure=False).result()
         plan = prepare_run(data, out, model_info, opts, write_plan=True)
         done = finished_shards(out, len(plan.shards))
