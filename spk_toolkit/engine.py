@@ -229,6 +229,9 @@ def prepare_run(
             (out / name).unlink(missing_ok=True)
     cache_dir = Path(data) if isinstance(data, (str, os.PathLike)) and Path(data).is_dir() else None
     pre_errors = measure_durations(utts, allow_pipes=opts.allow_pipes, cache_dir=cache_dir)
+    for u in utts:  # the same plan whether durations came from the utt2dur cache (4 decimals) or from headers
+        if u.duration is not None:
+            u.duration = round(u.duration, 4)
     path_of = {u.utt_id: u.path for u in utts}
     for uid, reason in pre_errors.items():  # header-level failures follow the same --on_error policy
         if opts.on_error == "raise":
@@ -366,7 +369,8 @@ def run_shards(
                     else:
                         a["keys"].append(u.utt_id)
                         a["embs"].append(emb[row])
-                a["seconds"] += float(batch.lengths.sum()) / model.sample_rate
+                # input audio (plan durations), not the length after the backend's preparation (e.g. VAD)
+                a["seconds"] += float(sum(plan.utts[i].duration or 0.0 for i in batch.indices))
             if 0 <= opts.max_errors < n_err_total:
                 raise ExtractionError(f"more than --max_errors {opts.max_errors} utterances failed; see the log")
             if pbar is not None:
