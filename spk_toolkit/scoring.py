@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from spk_toolkit.io.datadir import read_spk2utt, read_utt2spk  # noqa: F401 (re-exported)
 from spk_toolkit.io.trials import KeyResolution, Trials, resolve_keys
 
 __all__ = [
@@ -381,34 +382,6 @@ def speaker_means(
         for u, s in utt2spk.items():
             spk2utt.setdefault(s, []).append(u)
     return average_embeddings(embeddings, spk2utt, normalize=normalize)
-
-
-def read_utt2spk(path: str) -> dict:
-    """Read a Kaldi ``utt2spk`` file (``utt spk`` per line). Raises ValueError on malformed lines."""
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            p = line.split()
-            if not p:
-                continue
-            if len(p) != 2:
-                raise ValueError(f"{path}:{n}: expected 'utt spk', got {line.strip()!r}")
-            out[p[0]] = p[1]
-    return out
-
-
-def read_spk2utt(path: str) -> dict:
-    """Read a Kaldi ``spk2utt`` file (``spk utt1 utt2 ...`` per line). Raises ValueError on malformed lines."""
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            p = line.split()
-            if not p:
-                continue
-            if len(p) < 2:
-                raise ValueError(f"{path}:{n}: expected 'spk utt1 [utt2 ...]', got {line.strip()!r}")
-            out[p[0]] = p[1:]
-    return out
 
 
 def _unique_name(name: str, taken: set) -> str:

@@ -28,3 +28,29 @@ def write_wav(path: str | Path, x: np.ndarray, sr: int = 16000, subtype: str | N
 
     sf.write(str(path), x, sr, subtype=subtype)
     return Path(path)
+
+
+def make_subset(src: str | Path, dst: str | Path, per_speaker: int = 3) -> Path:
+    """Write a Kaldi dir with the ``per_speaker`` shortest utterances of each speaker of ``src``.
+
+    ``wav.scp`` order is kept; durations come from ``src``'s ``utt2dur``. Returns ``dst``.
+    """
+    from spk_toolkit.io.datadir import load_kaldi_dir
+
+    utts = load_kaldi_dir(src)
+    by_spk: dict = {}
+    for u in sorted(utts, key=lambda u: (u.duration, u.utt_id)):
+        by_spk.setdefault(u.spk_id, []).append(u.utt_id)
+    keep = {k for v in by_spk.values() for k in v[:per_speaker]}
+    sel = [u for u in utts if u.utt_id in keep]
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "wav.scp").write_text("".join(f"{u.utt_id} {u.path}\n" for u in sel))
+    (dst / "utt2spk").write_text("".join(f"{u.utt_id} {u.spk_id}\n" for u in sel))
+    return dst
+
+
+def load_npz(path) -> dict:
+    """All arrays of an npz file as a dict (``allow_pickle=False``)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

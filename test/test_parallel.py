@@ -14,28 +14,10 @@ import pytest
 from spk_toolkit.engine import extract, shard_path
 from spk_toolkit.io.datadir import load_kaldi_dir
 from spk_toolkit.parallel import assign_shards
+from spk_toolkit.testing import load_npz, make_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTS = dict(shard_duration=4.0, num_workers=0, progress=False)
-
-
-def make_subset(src: Path, dst: Path, per_speaker: int = 3) -> Path:
-    """Kaldi dir with the ``per_speaker`` shortest utterances of each speaker of ``src`` (wav.scp order kept)."""
-    utts = load_kaldi_dir(src)
-    by_spk = {}
-    for u in sorted(utts, key=lambda u: (u.duration, u.utt_id)):
-        by_spk.setdefault(u.spk_id, []).append(u.utt_id)
-    keep = {k for v in by_spk.values() for k in v[:per_speaker]}
-    sel = [u for u in utts if u.utt_id in keep]
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "wav.scp").write_text("".join(f"{u.utt_id} {u.path}\n" for u in sel))
-    (dst / "utt2spk").write_text("".join(f"{u.utt_id} {u.spk_id}\n" for u in sel))
-    return dst
-
-
-def load_npz(path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 @pytest.fixture(scope="module")

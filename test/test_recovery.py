@@ -15,27 +15,10 @@ import pytest
 
 from spk_toolkit.engine import ExtractionError, ExtractOptions, extract, prepare_run, shard_path
 from spk_toolkit.io.datadir import load_kaldi_dir
+from spk_toolkit.testing import load_npz, make_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_S = 2.5  # ~1 short utterance per shard: many shards, so kills land between and inside shards
-
-
-def make_subset(src: Path, dst: Path, per_speaker: int = 3) -> Path:
-    utts = load_kaldi_dir(src)
-    by_spk = {}
-    for u in sorted(utts, key=lambda u: (u.duration, u.utt_id)):
-        by_spk.setdefault(u.spk_id, []).append(u.utt_id)
-    keep = {k for v in by_spk.values() for k in v[:per_speaker]}
-    sel = [u for u in utts if u.utt_id in keep]
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "wav.scp").write_text("".join(f"{u.utt_id} {u.path}\n" for u in sel))
-    (dst / "utt2spk").write_text("".join(f"{u.utt_id} {u.spk_id}\n" for u in sel))
-    return dst
-
-
-def load_npz(path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 def cli(data: Path, out: Path) -> list:

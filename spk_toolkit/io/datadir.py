@@ -85,6 +85,32 @@ def read_kv(path: Path, min_fields: int = 2, rest: bool = True) -> List[tuple]:
     return out
 
 
+def read_utt2spk(path: str | os.PathLike) -> Dict[str, str]:
+    """Read a Kaldi ``utt2spk`` file (``utt_id spk_id`` per line) into a dict, keeping file order.
+
+    Raises
+    ------
+    CorpusError
+        A line without exactly two fields, or a duplicate utterance id (names file and line).
+    """
+    rows = read_kv(Path(path), min_fields=2, rest=False)
+    for r in rows:
+        if len(r) != 2:
+            raise CorpusError(f"{path}: expected 'utt_id spk_id', got {' '.join(r)!r}")
+    return {k: v[1] for k, v in _unique_dict(rows, Path(path)).items()}
+
+
+def read_spk2utt(path: str | os.PathLike) -> Dict[str, List[str]]:
+    """Read a Kaldi ``spk2utt`` file (``spk_id utt1 utt2 ...`` per line) into a dict of lists.
+
+    Raises
+    ------
+    CorpusError
+        A line with fewer than two fields (names file and line).
+    """
+    return {r[0]: list(r[1:]) for r in read_kv(Path(path), min_fields=2, rest=False)}
+
+
 def _unique_dict(pairs: Iterable[tuple], path: Path) -> Dict[str, tuple]:
     d: Dict[str, tuple] = {}
     for p in pairs:
@@ -127,11 +153,11 @@ def load_kaldi_dir(data_dir: str | os.PathLike) -> List[Utterance]:
     else:
         utts = [Utterance(k, v[1]) for k, v in wav.items()]
     if (d / "utt2spk").is_file():
-        u2s = {k: v[1].split()[0] for k, v in _unique_dict(read_kv(d / "utt2spk"), d / "utt2spk").items()}
+        u2s = read_utt2spk(d / "utt2spk")
         for u in utts:
             u.spk_id = u2s.get(u.utt_id)
     elif (d / "spk2utt").is_file():
-        u2s = {utt: spk for spk, rest in read_kv(d / "spk2utt") for utt in rest.split()}
+        u2s = {utt: spk for spk, us in read_spk2utt(d / "spk2utt").items() for utt in us}
         for u in utts:
             u.spk_id = u2s.get(u.utt_id)
     if (d / "utt2dur").is_file():
