@@ -21,7 +21,8 @@ plus ``batch["spk_labels"]`` (B,) or (B, 1) with 1 = target, 0 = nontarget, and 
 Policies (documented choices)
 -----------------------------
 * **Each unique utterance is embedded once** per validation (a dict keyed by utterance id, O(1) look-up), in
-  chunks of as many utterances as the iterator's batch size (ESPnet's own forward batch). Utterances waiting for
+  chunks of as many utterances as the largest batch seen so far has trials (ESPnet's forward batch is the
+  largest batch's size). Utterances waiting for
   a chunk are the only audio held; ESPnet instead keeps every crop of every utterance on the device and reads
   the iterator twice.
 * **Crops are averaged**: an utterance's validation embedding is the mean of its raw (not L2-normalised) crop
@@ -204,7 +205,8 @@ class UniqueEmbedder:
         self._seen.add(utt_id)
         if self.keep is not None and not self.keep(utt_id):
             return
-        self._pending.append((utt_id, rows, length))
+        # a copy of this utterance's rows only: a view would pin the whole batch tensor until the next flush
+        self._pending.append((utt_id, rows[:, :length].clone(), length))
         if len(self._pending) >= self.chunk:
             self.flush()
 
@@ -497,8 +499,10 @@ class SpkTrainer(Trainer):
         labels: List[np.ndarray] = []
         for ids, batch in iterator:
             assert isinstance(batch, dict), type(batch)
-            if emb is None:  # ESPnet's forward batch: as many utterances as trials in a batch
+            if emb is None:
                 emb = UniqueEmbedder(net, max(1, len(ids)), average=True)
+            # ESPnet's forward batch: as many utterances as the largest batch has trials
+            emb.chunk = max(emb.chunk, len(ids))
             if "task_tokens" in batch:
                 emb.task_token = batch["task_tokens"][0]
             labels.append(trial_labels(batch, len(ids)))
