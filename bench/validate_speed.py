@@ -34,7 +34,6 @@ def rss_mib() -> float:
 
 
 def child(a) -> None:
-    import numpy as np
     import torch
     from espnet2.train.distributed_utils import DistributedOption
     from espnet2.train.reporter import Reporter

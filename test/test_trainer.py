@@ -131,3 +131,33 @@ def test_train_torchrun_two_processes_gloo(dump, tmp_path):
             assert single[k] == pytest.approx(rep.get_value("valid", k, ep), abs=1e-6), (ep, k)
         checked += 1
     assert checked >= 1
+
+
+def test_prepare_spk_train_script(fillets_small, tmp_path):
+    """bin/prepare_spk_train.sh writes ESPnet's layout: 16 kHz FLAC, consistent trial files, shape files."""
+    import soundfile as sf
+
+    out = tmp_path / "dump"
+    r = subprocess.run(["bash", str(ROOT / "bin" / "prepare_spk_train.sh"), "--data", str(fillets_small), "--out",
+                        str(out), "--valid_per_spk", "3", "--max_trials", "40"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    read = lambda p: [ln.split(maxsplit=1) for ln in p.read_text().splitlines()]  # noqa: E731
+    wav = dict(read(out / "train" / "wav.scp"))
+    spk = dict(read(out / "train" / "utt2spk"))
+    shape = dict(read(out / "train" / "speech_shape"))
+    assert set(wav) == set(spk) == set(shape) and len(wav) == 4 * 9
+    assert sorted(set(spk.values())) == ["cs_m", "cs_v", "nl_m", "nl_v"]
+    for u in list(wav)[:5]:
+        info = sf.info(wav[u])
+        assert info.samplerate == 16000 and info.channels == 1 and info.frames == int(shape[u])
+    t1, t2 = read(out / "valid" / "trial.scp"), read(out / "valid" / "trial2.scp")
+    lab = read(out / "valid" / "trial_label")
+    assert [a for a, _ in t1] == [a for a, _ in t2] == [a for a, _ in lab] and len(lab) == 40
+    assert {v for _, v in lab} == {"0", "1"}
+    valid = dict(read(out / "valid" / "utt2spk"))
+    for tid, label in lab:
+        e, t = tid.split("*")
+        assert e in valid and t in valid and e not in spk and t not in spk  # held-out utterances only
+        assert label == str(int(valid[e] == valid[t]))
+    assert "--spk_num=4" in (out / "spk_train.args").read_text()
