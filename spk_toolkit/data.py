@@ -6,6 +6,7 @@ each batch carries true lengths so backends can mask padding (DESIGN.md properti
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
@@ -191,7 +192,13 @@ class TaggedBatchDataset(torch.utils.data.Dataset):
 
 
 def _worker_init(_):
+    # One thread per decoding worker, at lower CPU priority: decoding runs ahead of the model (prefetch), so it
+    # should use the model's idle slack rather than preempt the model's threads on a small CPU box.
     torch.set_num_threads(1)
+    try:
+        os.nice(5)
+    except OSError:  # not permitted on some systems: priority is an optimisation only
+        pass
 
 
 def batch_loader(dataset: UtteranceDataset, batches, tags=None, num_workers: int = 1, prefetch_factor: int = 4):

@@ -95,7 +95,8 @@ def read_audio(
     path : str
         Audio file path (wav, flac, ogg, anything libsndfile reads) or a ``cmd |`` pipe.
     sample_rate : int, optional
-        Target rate in Hz; resampled with soxr (``VHQ``) when the file's rate differs.
+        Target rate in Hz; resampled with soxr (``HQ``, soxr's default: 20-bit, flat to 0.95 x Nyquist) when
+        the file's rate differs.
     start, end : float, optional
         Segment bounds in seconds (Kaldi ``segments``); ``end`` None or ≤ 0 means the end of the file.
     allow_pipes : bool
@@ -139,15 +140,17 @@ def read_audio(
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
         reason = "file not found" if getattr(e, "errno", None) == 2 else f"unreadable audio ({e})"
         raise AudioLoadingError(path, reason) from e
-    x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+    # downmix: a matrix-vector product is several times faster than a strided mean over channels
+    x = x @ np.full(x.shape[1], 1.0 / x.shape[1], dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
     if validate:
         if x.size == 0:
             raise AudioLoadingError(path, "empty audio (0 samples)")
-        if not np.isfinite(x).all():
+        # one pass: the sum is finite iff every sample is (float32 samples cannot overflow a float64 sum)
+        if not np.isfinite(np.sum(x, dtype=np.float64)):
             raise AudioLoadingError(path, f"{int((~np.isfinite(x)).sum())} non-finite (NaN/inf) samples")
     if sample_rate is not None and sr != sample_rate:
         import soxr
 
-        x = soxr.resample(x, sr, sample_rate, quality="VHQ").astype(np.float32, copy=False)
+        x = soxr.resample(x, sr, sample_rate, quality="HQ").astype(np.float32, copy=False)
         sr = sample_rate
     return np.ascontiguousarray(x, dtype=np.float32), sr
