@@ -125,6 +125,7 @@ class Plan:
     model_info: dict
 
     def shard_duration(self, k: int) -> float:
+        """Audio in shard ``k``, in seconds (sum of the planned utterance durations; unknown counts as 0)."""
         return float(sum(self.utts[i].duration or 0.0 for i in self.shards[k]))
 
 

@@ -91,9 +91,6 @@ class ResemblyzerModel(EmbeddingModel):
         means = sums / torch.bincount(owner_t, minlength=len(parts)).unsqueeze(1).to(partial.dtype)
         return torch.nn.functional.normalize(means, dim=1).float().cpu()
 
-    def cost(self, num_samples: int) -> float:
-        return float(num_samples)
-
     def describe(self) -> dict:
         return {**super().describe(), "model": "resemblyzer-0.1.4 GE2E pretrained.pt", "vad": self.vad,
                 "rate": self.rate, "min_coverage": self.min_coverage}

@@ -23,6 +23,7 @@ from spk_toolkit.bin.cli import parse_args, setup_logging, str2bool
 
 
 def get_parser() -> argparse.ArgumentParser:
+    """The argparse parser; option defaults come from :class:`spk_toolkit.engine.ExtractOptions`."""
     from spk_toolkit.engine import ExtractOptions
     from spk_toolkit.io.writers import WRITERS
 
@@ -56,6 +57,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the CLI; returns the exit status (1 on corpus, extraction or scoring errors, named in stderr)."""
     args = parse_args(get_parser(), argv)
     setup_logging(args.verbose)
     import spk_toolkit

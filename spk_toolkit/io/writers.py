@@ -81,6 +81,7 @@ class EmbeddingWriter(abc.ABC):
         """The main output path (what :func:`spk_toolkit.io.readers.load_embeddings` takes)."""
 
     def close(self) -> None:
+        """Make the output appear under its final name (atomic rename); later calls do nothing."""
         if not self._closed:
             self._closed = True
             self._commit()

@@ -84,6 +84,7 @@ def make_trials(rows, n_target: int, min_duration: float, seed: int = 0) -> list
 
 
 def main(argv=None):
+    """Command line: scan the unpacked packages, write the data dirs and trial lists (see module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("data/fillets_pkg"), help="where the .deb files were unpacked")
     ap.add_argument("--out", type=Path, default=Path("data"))
