@@ -4,6 +4,7 @@ Kept free of pytest fixtures so benchmarks can import it too.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ CONFIGS = {
     "ecapa512": ROOT / "conf" / "model_ecapa.yaml",
     "rawnet3": ROOT / "test" / "espnet_configs" / "rawnet3_small.yaml",
 }
+#: Device the backend tests run their models on: ``cpu`` (CI) unless ``SPK_TEST_DEVICE`` says e.g. ``cuda``.
+DEVICE = os.environ.get("SPK_TEST_DEVICE", "cpu")
 
 
 def speech_like(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
@@ -56,7 +59,7 @@ def build(arch: str, seed: int = 0, **kwargs):
     """Random-init backend for one of :data:`CONFIGS` (seeded weights, randomised BatchNorm statistics)."""
     from spk_toolkit.backends.espnet import build_random_model
 
-    return build_random_model(CONFIGS[arch], seed=seed, **kwargs)
+    return build_random_model(CONFIGS[arch], seed=seed, **{"device": DEVICE, **kwargs})
 
 
 def embed_in_groups(model, wavs: list[np.ndarray], groups: list[list[int]]) -> torch.Tensor:

@@ -94,7 +94,7 @@ def test_single_utterance_equals_espnet_forward(arch, wavs):
         x = torch.from_numpy(w)[None]
         ours = m.embed(x, torch.tensor([x.shape[1]]))
         with torch.inference_mode():
-            theirs = m.model(x.clone(), extract_embd=True).float()
+            theirs = m.model(x.clone().to(m.device), extract_embd=True).float().cpu()
         scale = max(1.0, float(theirs.abs().max()))
         torch.testing.assert_close(ours, theirs, atol=1e-5 * scale, rtol=1e-5)
 

@@ -1,6 +1,8 @@
 """The offline default backend: equality with resemblyzer and batch invariance on real speech."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +12,12 @@ from spk_toolkit.data import collate
 from spk_toolkit.io.audio import read_audio
 from spk_toolkit.io.datadir import load_corpus
 
+DEVICE = os.environ.get("SPK_TEST_DEVICE", "cpu")  # cpu in CI; `SPK_TEST_DEVICE=cuda` on a GPU machine
+
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("resemblyzer")
+    return load_model("resemblyzer", device=DEVICE)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,15 @@ Reference: Wan et al., "Generalized End-to-End Loss for Speaker Verification", I
 (Apache-2.0). ``VoiceEncoder.embed_utterance`` cuts an utterance into 1.6 s partial windows (rate 1.3 /s,
 min coverage 0.75), embeds each with a 3-layer LSTM and averages. Each partial is independent, so batching is
 exact: we gather the partial windows of every utterance in a batch into one forward and regroup them per
-utterance. Results equal ``embed_utterance`` on the same prepared waveform (tested within 1e-5).
+utterance. Results equal ``embed_utterance`` on the same prepared waveform (tested within 1e-5; on a GPU the
+LSTM runs in full float32, not TF32, to keep that).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from spk_toolkit.backends.base import EmbeddingModel, register_backend
+from spk_toolkit.backends.base import EmbeddingModel, full_fp32, register_backend
 
 
 @register_backend
@@ -83,7 +84,10 @@ class ResemblyzerModel(EmbeddingModel):
         parts = [self._partials(x[i, : int(lengths[i])]) for i in range(x.shape[0])]
         owner = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
         mels = torch.from_numpy(np.concatenate(parts)).to(self.device)
-        partial = torch.cat([self.encoder(mels[k : k + self.max_partials]) for k in range(0, len(mels), self.max_partials)])
+        with full_fp32():  # TF32 on a GPU would move results by ~3e-4 from embed_utterance on the CPU
+            partial = torch.cat(
+                [self.encoder(mels[k : k + self.max_partials]) for k in range(0, len(mels), self.max_partials)]
+            )
         # Regroup: mean of each utterance's partial embeddings, then L2-normalise (as embed_utterance does).
         owner_t = torch.from_numpy(owner).to(partial.device)
         sums = torch.zeros(len(parts), partial.shape[1], dtype=partial.dtype, device=partial.device)
