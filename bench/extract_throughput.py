@@ -8,7 +8,9 @@
 
 Throughput = seconds of audio per wall-clock second. Prints (b)/(a), (b)/(c) and the padding waste.
 
-    python bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml
+    python bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml \
+        --batch_bins 512000 --repeats 3 --model_streams 2          # 2-core CPU (docs/benchmarks.md)
+    python bench/extract_throughput.py ... --device cuda --num_workers 14 --corpus_repeats 4   # GPU
     python bench/extract_throughput.py --toolkit resemblyzer
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as spk_inference sets it (before torch is imported)
 
 import argparse  # noqa: E402
+import concurrent.futures
+import dataclasses
 import platform
 import shutil
 import tempfile
@@ -34,6 +38,20 @@ from spk_toolkit.io.audio import read_audio
 from spk_toolkit.io.datadir import load_corpus
 
 
+def forward_streams(model, tensors, streams, sync):
+    """(c) with ``streams`` concurrent forwards of ``threads // streams`` intra-op threads each; seconds."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, prev // streams))
+    try:
+        t = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+            list(pool.map(lambda bt: model.embed(bt.wav, bt.lengths), tensors))
+        sync()
+        return time.perf_counter() - t
+    finally:
+        torch.set_num_threads(prev)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_dir", default="data/fillets_demo")
@@ -45,6 +63,12 @@ def main():
     ap.add_argument("--batch_bins", type=int, default=16000 * 240)
     ap.add_argument("--num_workers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2, help="(a)/(b)/(c) alternations; best time of each is kept")
+    ap.add_argument("--model_streams", type=int, default=1,
+                    help="concurrent forwards in (b), each with threads/streams intra-op threads; (c) is then timed "
+                         "both ways (one stream with all threads, and the same streams) and the faster one is kept")
+    ap.add_argument("--corpus_repeats", type=int, default=1,
+                    help="list the corpus N times under new utt ids (every copy is decoded again): a GPU run long "
+                         "enough that start-up costs do not dominate")
     a = ap.parse_args()
 
     kw = {"device": a.device}
@@ -54,12 +78,21 @@ def main():
     utts = load_corpus(a.data_dir)
     if a.max_utts:
         utts = utts[: a.max_utts]
+    if a.corpus_repeats > 1:
+        utts = [dataclasses.replace(u, utt_id=f"{u.utt_id}#{r}") for r in range(a.corpus_repeats) for u in utts]
     sr = model.sample_rate
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, device {a.device}")
     print(f"model: {model.describe()}")
-    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, batch_bins={a.batch_bins}, num_workers={a.num_workers}")
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, batch_bins={a.batch_bins}, num_workers={a.num_workers}, "
+          f"model_streams={a.model_streams}")
 
+    def sync():  # GPU work is asynchronous: wait for it before reading the clock
+        if str(a.device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    if str(a.device).startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name()}, TF32 convolutions: {torch.backends.cudnn.allow_tf32}")
     # warm-up (first-call allocations, librosa/numba caches)
     w0 = model.prepare(read_audio(utts[0].path, sr)[0])
     model.embed(torch.from_numpy(w0)[None], torch.tensor([len(w0)]))
@@ -72,18 +105,20 @@ def main():
 
     # (a), (b), (c) alternate (a, b, c, a, b, c) and each keeps its best time: this VM's speed drifts by +-20 %
     # between runs, and alternating gives the three the same conditions.
-    ta, tb, tc = [], [], []
+    ta, tb, tc, tc2 = [], [], [], []
     for rep in range(a.repeats):
         # (a) per-utterance loop: decode + prepare + embed one utterance at a time
         t = time.perf_counter()
         for u in utts:
             x = model.prepare(read_audio(u.path, sr, u.start, u.end)[0])
             model.embed(torch.from_numpy(x)[None], torch.tensor([len(x)]))
+        sync()
         ta.append(time.perf_counter() - t)
         # (b) batched pipeline, end to end (decoding workers, buckets, masking, shard files, merge, npz)
         out = Path(tempfile.mkdtemp(prefix="bench_extract_"))
         t = time.perf_counter()
-        s = extract(utts, out, model=model, batch_bins=a.batch_bins, num_workers=a.num_workers, progress=False)
+        s = extract(utts, out, model=model, batch_bins=a.batch_bins, num_workers=a.num_workers, progress=False,
+                    model_streams=a.model_streams)
         tb.append(time.perf_counter() - t)
         waste_b = s.get("padding_waste", float("nan"))
         shutil.rmtree(out, ignore_errors=True)
@@ -91,10 +126,15 @@ def main():
         t = time.perf_counter()
         for bt in tensors:
             model.embed(bt.wav, bt.lengths)
+        sync()
         tc.append(time.perf_counter() - t)
-    for name, runs in (("a", ta), ("b", tb), ("c", tc)):
-        print(f"runs ({name}): " + ", ".join(f"{x:.1f}" for x in runs) + " s")
-    ta, tb, tc = min(ta), min(tb), min(tc)
+        if a.model_streams > 1:  # the same forwards as (b) runs them: streams x (threads / streams)
+            tc2.append(forward_streams(model, tensors, a.model_streams, sync))
+    for name, runs in (("a", ta), ("b", tb), ("c", tc), ("c, streams", tc2)):
+        if runs:
+            print(f"runs ({name}): " + ", ".join(f"{x:.1f}" for x in runs) + " s")
+    tc1 = min(tc)  # one forward at a time with all intra-op threads (how torch runs a model)
+    ta, tb, tc = min(ta), min(tb), min(tc + tc2)  # (c): the faster way of running the forward alone
     waste = padding_waste(lengths, batches)
 
     ra, rb, rc = audio / ta, audio / tb, audio / tc
@@ -104,6 +144,9 @@ def main():
     print(f"(c) forward alone          : {tc:8.1f} s  {rc:7.1f}x real time")
     print(f"ratio (b)/(a) = {rb / ra:.2f}   ratio (b)/(c) = {rb / rc:.2f}   "
           f"padding waste = {100 * waste:.1f} % (c), {100 * waste_b:.1f} % (b, per-shard buckets)")
+    if tc2:
+        print(f"ratio (b)/(c, one stream of {torch.get_num_threads()} threads) = {tc1 / tb:.2f}   "
+              f"(c) above is the faster {a.model_streams}-stream forward")
 
 
 if __name__ == "__main__":

@@ -40,3 +40,26 @@ def small_run(fillets_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("small_run")
     summary = extract(fillets_small, out, output_format="npz,kaldi_ark", progress=False, shard_duration=60)
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def bad_dir(tmp_path_factory, fillets_small):
+    """3 good real utterances + the five bad kinds of issue 2."""
+    import numpy as np
+
+    from spk_toolkit.io.datadir import load_kaldi_dir
+    from spk_toolkit.testing import speechlike, write_wav
+
+    d = tmp_path_factory.mktemp("bad")
+    good = load_kaldi_dir(fillets_small)[:3]
+    (d / "empty.wav").write_bytes(b"")
+    (d / "corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 7)
+    write_wav(d / "nan.wav", np.full(16000, np.nan, np.float32), subtype="FLOAT")
+    write_wav(d / "short.wav", speechlike(0.05))
+    lines = [f"{u.utt_id} {u.path}" for u in good] + [
+        f"bad_missing {d / 'missing.wav'}", f"bad_empty {d / 'empty.wav'}", f"bad_corrupt {d / 'corrupt.wav'}",
+        f"bad_nan {d / 'nan.wav'}", f"bad_short {d / 'short.wav'}"]
+    data = d / "data"
+    data.mkdir()
+    (data / "wav.scp").write_text("\n".join(sorted(lines)) + "\n")
+    return data, [u.utt_id for u in good]

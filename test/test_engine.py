@@ -12,7 +12,6 @@ import pytest
 from spk_toolkit import load_embeddings
 from spk_toolkit.engine import ExtractionError, extract
 from spk_toolkit.io.datadir import load_kaldi_dir
-from spk_toolkit.testing import speechlike, write_wav
 
 
 def test_outputs_match_wav_scp(small_run, fillets_small):
@@ -38,24 +37,6 @@ def test_outputs_match_wav_scp(small_run, fillets_small):
     assert s["utterances"] == s["embedded"] == len(utts) and s["errors"] == 0 and s["speakers"] == 4
     assert s["embedding_dim"] == 256 and s["audio_hours"] > 0 and s["model"]["toolkit"] == "resemblyzer"
     assert (out / "errors.tsv").read_text().splitlines() == ["utt_id\tpath\treason"]
-
-
-@pytest.fixture(scope="module")
-def bad_dir(tmp_path_factory, fillets_small):
-    """3 good real utterances + the five bad kinds of issue 2."""
-    d = tmp_path_factory.mktemp("bad")
-    good = load_kaldi_dir(fillets_small)[:3]
-    (d / "empty.wav").write_bytes(b"")
-    (d / "corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 7)
-    write_wav(d / "nan.wav", np.full(16000, np.nan, np.float32), subtype="FLOAT")
-    write_wav(d / "short.wav", speechlike(0.05))
-    lines = [f"{u.utt_id} {u.path}" for u in good] + [
-        f"bad_missing {d / 'missing.wav'}", f"bad_empty {d / 'empty.wav'}", f"bad_corrupt {d / 'corrupt.wav'}",
-        f"bad_nan {d / 'nan.wav'}", f"bad_short {d / 'short.wav'}"]
-    data = d / "data"
-    data.mkdir()
-    (data / "wav.scp").write_text("\n".join(sorted(lines)) + "\n")
-    return data, [u.utt_id for u in good]
 
 
 def test_bad_input_skip(bad_dir, tmp_path):

@@ -45,6 +45,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_pipes", type=str2bool, default=False, help="run wav.scp 'cmd |' entries")
     p.add_argument("--shard_duration", type=float, default=d.shard_duration, help="seconds of audio per shard")
     p.add_argument("--torch_threads", type=int, default=0, help="model intra-op threads (0 = torch default)")
+    p.add_argument("--model_streams", type=int, default=d.model_streams,
+                   help="concurrent model forwards, each with torch_threads/model_streams threads (CPU: try 2)")
     p.add_argument("--overwrite", type=str2bool, default=False, help="discard a previous run in output_dir")
     p.add_argument("--parallel", default=None,
                    help="Dask parallel config YAML (env: local|local_gpu|slurm|pbs|sge, n_workers, options); "
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
             on_error=args.on_error, max_errors=args.max_errors, min_duration=args.min_duration,
             allow_pipes=args.allow_pipes, shard_duration=args.shard_duration, overwrite=args.overwrite,
             progress=args.progress, parallel=args.parallel, torch_threads=args.torch_threads,
+            model_streams=args.model_streams,
         )
     except (spk_toolkit.ExtractionError, spk_toolkit.CorpusError) as e:
         print(f"spk_inference: error: {e}", file=sys.stderr)
