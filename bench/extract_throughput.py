@@ -33,23 +33,19 @@ import torch
 
 from spk_toolkit.backends import load_model
 from spk_toolkit.data import bucket_batches, collate, padding_waste
-from spk_toolkit.engine import extract
+from spk_toolkit.engine import extract, stream_threads
 from spk_toolkit.io.audio import read_audio
 from spk_toolkit.io.datadir import load_corpus
 
 
 def forward_streams(model, tensors, streams, sync):
     """(c) with ``streams`` concurrent forwards of ``threads // streams`` intra-op threads each; seconds."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(max(1, prev // streams))
-    try:
+    with stream_threads(0, streams):
         t = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(streams) as pool:
             list(pool.map(lambda bt: model.embed(bt.wav, bt.lengths), tensors))
         sync()
         return time.perf_counter() - t
-    finally:
-        torch.set_num_threads(prev)
 
 
 def main():

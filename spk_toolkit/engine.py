@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -82,7 +83,8 @@ class ExtractOptions:
         minus ``num_workers`` avoids oversubscription (decoding workers and model threads competing).
     model_streams : int
         Concurrent forwards on different batches (Python threads; torch releases the GIL inside operators), each
-        with ``torch_threads // model_streams`` intra-op threads (default 1 = one forward at a time). On a CPU,
+        with ``torch_threads // model_streams`` intra-op threads (torch's setting when ``torch_threads`` is 0;
+        default 1 = one forward at a time; :func:`stream_threads`). On a CPU,
         2 streams x 1 thread ran the ECAPA-TDNN forward 7-12 % faster than 1 stream x 2 threads on our 2-core
         machine, and a stream that a decoding worker preempts stalls alone instead of holding every OpenMP
         thread at the next barrier (docs/benchmarks.md). Results are consumed in batch order, so outputs, errors
@@ -297,6 +299,30 @@ def _write_shard(output_dir, k: int, keys: List[str], embs: List[np.ndarray], er
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def stream_threads(torch_threads: int = 0, streams: int = 1):
+    """Inside the block, give each of ``streams`` concurrent model forwards ``max(1, T // streams)`` intra-op threads.
+
+    ``T`` is ``torch_threads``, or torch's current setting when 0; with one stream and ``torch_threads=0`` nothing
+    changes. torch's intra-op thread count is process-wide and inherited by new threads, so every stream's
+    forward uses it. The previous count is restored on exit, also after an exception.
+
+    Raises
+    ------
+    ValueError
+        ``streams < 1``.
+    """
+    if streams < 1:
+        raise ValueError(f"streams must be >= 1, got {streams}")
+    prev = torch.get_num_threads()
+    if streams > 1 or torch_threads > 0:
+        torch.set_num_threads(max(1, (torch_threads if torch_threads > 0 else prev) // streams))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def run_shards(
     plan: Plan,
     shard_ids: Iterable[int],
@@ -310,6 +336,8 @@ def run_shards(
 
     All the shards' batches go through one DataLoader (workers decode ahead across shard boundaries); a shard is
     written atomically as soon as its last batch is embedded.
+    With ``opts.model_streams > 1`` that many forwards run concurrently (:func:`stream_threads`); results are
+    still consumed in batch order by this thread.
 
     Returns
     -------
@@ -402,14 +430,9 @@ def run_shards(
             return None
         return model.embed(batch.wav, batch.lengths).detach().float().cpu().numpy()
 
-    prev_threads = torch.get_num_threads()
-    streams = max(1, opts.model_streams)
-    threads = opts.torch_threads if opts.torch_threads > 0 else prev_threads
-    if streams > 1 or opts.torch_threads > 0:
-        torch.set_num_threads(max(1, threads // streams))
-    try:
+    with stream_threads(opts.torch_threads, opts.model_streams):
         loader = batch_loader(ds, batches, tags, num_workers=opts.num_workers)
-        if streams == 1:
+        if opts.model_streams == 1:
             for batch in loader:
                 consume(batch, embed(batch))
         else:
@@ -417,12 +440,12 @@ def run_shards(
             # preempted by a decoding worker stalls alone, where one multi-threaded forward waits at every
             # barrier for its preempted thread. Results are consumed in batch order, so bookkeeping, errors
             # and shard writes behave exactly as with one stream.
-            with concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="spk-model") as pool:
+            with concurrent.futures.ThreadPoolExecutor(opts.model_streams, thread_name_prefix="spk-model") as pool:
                 pending: Deque = collections.deque()
                 try:
                     for batch in loader:
                         pending.append((batch, pool.submit(embed, batch)))
-                        while len(pending) > streams:
+                        while len(pending) > opts.model_streams:
                             b, fut = pending.popleft()
                             consume(b, fut.result())
                     while pending:
@@ -433,8 +456,6 @@ def run_shards(
                         fut.cancel()
         if pbar is not None:
             pbar.close()
-    finally:
-        torch.set_num_threads(prev_threads)
     stats["decoded"] = ds.decoded if opts.num_workers == 0 else sum(len(b) for b in batches)
     return stats
 

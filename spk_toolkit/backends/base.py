@@ -24,7 +24,9 @@ def full_fp32():
 
     On Ampere and newer GPUs PyTorch lets cuDNN use TF32 (10-bit mantissa) by default, which moves embeddings by
     ~1e-4 (measured on an H100: resemblyzer's LSTM gave max abs 3.2e-4 against the CPU). Backends that promise
-    equality with a reference implementation wrap their forward in this. No effect on the CPU.
+    equality with a reference implementation wrap their forward in this. No effect on the CPU. Source: PyTorch
+    notes, "TensorFloat-32 (TF32) on Ampere (and later) devices" (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.backends.cudnn.allow_tf32``).
     """
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     prev = matmul.allow_tf32
