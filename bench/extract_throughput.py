@@ -11,7 +11,7 @@ way's best time and paired per repetition (a, b, c run back to back, so the VM's
 ratio of one repetition; the median of the paired ratios is the robust figure).
 
     python bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml \
-        --batch_bins 512000 --repeats 3 --model_streams 2          # 2-core CPU (docs/benchmarks.md)
+        --batch_bins 512000 --repeats 4 --model_streams 2          # 2-core CPU (docs/benchmarks.md)
     python bench/extract_throughput.py ... --device cuda --num_workers 14 --corpus_repeats 4   # GPU
     python bench/extract_throughput.py --toolkit resemblyzer
 """

@@ -307,6 +307,13 @@ def stream_threads(torch_threads: int = 0, streams: int = 1):
     changes. torch's intra-op thread count is process-wide and inherited by new threads, so every stream's
     forward uses it. The previous count is restored on exit, also after an exception.
 
+    Parameters
+    ----------
+    torch_threads : int
+        Intra-op threads shared by all streams (0 = torch's current setting).
+    streams : int
+        Concurrent forwards that will run inside the block (``ExtractOptions.model_streams``).
+
     Raises
     ------
     ValueError
