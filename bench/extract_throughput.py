@@ -7,11 +7,11 @@
 (c) the model's forward alone on pre-loaded, pre-batched tensors (same buckets as (b)): the ceiling.
 
 Throughput = seconds of audio per wall-clock second. Prints (b)/(a), (b)/(c) and the padding waste, from each
-way's best time and paired per repetition (a, b, c run back to back, so the VM's speed drift cancels in the
-ratio of one repetition; the median of the paired ratios is the robust figure).
+way's best time and paired per repetition (a, b, c run back to back, in alternating order, so the VM's speed
+drift cancels in the ratio of one repetition; the median of the paired ratios is the robust figure).
 
     python bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml \
-        --batch_bins 512000 --repeats 4 --model_streams 2          # 2-core CPU (docs/benchmarks.md)
+        --batch_bins 512000 --repeats 6 --model_streams 2          # 2-core CPU (docs/benchmarks.md)
     python bench/extract_throughput.py ... --device cuda --num_workers 14 --corpus_repeats 4   # GPU
     python bench/extract_throughput.py --toolkit resemblyzer
 """
@@ -102,33 +102,43 @@ def main():
     tensors = [collate([(i, wavs[i], None) for i in b]) for b in batches]
     audio = sum(lengths) / sr
 
-    # (a), (b), (c) alternate (a, b, c, a, b, c) and each keeps its best time: this VM's speed drifts by +-20 %
-    # between runs, and alternating gives the three the same conditions.
-    ta, tb, tc, tc2 = [], [], [], []
-    for rep in range(a.repeats):
-        # (a) per-utterance loop: decode + prepare + embed one utterance at a time
+    def run_a():  # per-utterance loop: decode + prepare + embed one utterance at a time
         t = time.perf_counter()
         for u in utts:
             x = model.prepare(read_audio(u.path, sr, u.start, u.end)[0])
             model.embed(torch.from_numpy(x)[None], torch.tensor([len(x)]))
         sync()
         ta.append(time.perf_counter() - t)
-        # (b) batched pipeline, end to end (decoding workers, buckets, masking, shard files, merge, npz)
+
+    def run_b():  # batched pipeline, end to end (decoding workers, buckets, masking, shard files, merge, npz)
         out = Path(tempfile.mkdtemp(prefix="bench_extract_"))
         t = time.perf_counter()
         s = extract(utts, out, model=model, batch_bins=a.batch_bins, num_workers=a.num_workers, progress=False,
                     model_streams=a.model_streams)
         tb.append(time.perf_counter() - t)
-        waste_b = s.get("padding_waste", float("nan"))
+        summaries.append(s)
         shutil.rmtree(out, ignore_errors=True)
-        # (c) forward alone on pre-loaded, pre-batched tensors (same bucketing)
+
+    def run_c1():  # forward alone on pre-loaded, pre-batched tensors (same bucketing), one stream
         t = time.perf_counter()
         for bt in tensors:
             model.embed(bt.wav, bt.lengths)
         sync()
         tc.append(time.perf_counter() - t)
-        if a.model_streams > 1:  # the same forwards as (b) runs them: streams x (threads / streams)
-            tc2.append(forward_streams(model, tensors, a.model_streams, sync))
+
+    def run_cs():  # the same forwards as (b) runs them: streams x (threads / streams)
+        tc2.append(forward_streams(model, tensors, a.model_streams, sync))
+
+    # Every repetition runs all ways back to back, in alternating order (a, b, c, c' then c', c, b, a): this VM's
+    # speed drifts by +-5-10 % within minutes, so (b) is always next to (c, streams) and a linear drift cancels
+    # over two repetitions in the paired ratios.
+    ta, tb, tc, tc2, summaries = [], [], [], [], []
+    order = [run_a, run_b, run_c1] if a.model_streams == 1 else [run_a, run_b, run_cs, run_c1]
+    for rep in range(a.repeats):
+        for step in (order if rep % 2 == 0 else order[::-1]):
+            step()
+    s = summaries[-1]
+    waste_b = s.get("padding_waste", float("nan"))
     for name, runs in (("a", ta), ("b", tb), ("c", tc), ("c, streams", tc2)):
         if runs:
             print(f"runs ({name}): " + ", ".join(f"{x:.1f}" for x in runs) + " s")
