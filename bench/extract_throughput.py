@@ -129,9 +129,9 @@ def main():
     def run_cs():  # the same forwards as (b) runs them: streams x (threads / streams)
         tc2.append(forward_streams(model, tensors, a.model_streams, sync))
 
-    # Every repetition runs all ways back to back, in alternating order (a, b, c, c' then c', c, b, a): this VM's
-    # speed drifts by +-5-10 % within minutes, so (b) is always next to (c, streams) and a linear drift cancels
-    # over two repetitions in the paired ratios.
+    # Every repetition runs all ways back to back, in alternating order (a, b, c streams, c one stream, then the
+    # reverse): this VM's speed drifts by +-5-10 % within minutes, so (b) always runs next to the streamed (c)
+    # and a linear drift cancels over two repetitions in the paired ratios.
     ta, tb, tc, tc2, summaries = [], [], [], [], []
     order = [run_a, run_b, run_c1] if a.model_streams == 1 else [run_a, run_b, run_cs, run_c1]
     for rep in range(a.repeats):
