@@ -158,6 +158,38 @@ def test_model_file_roundtrip_and_describe(tmp_path, wavs):
     torch.testing.assert_close(loaded.embed(wav, lengths), m.embed(wav, lengths))
 
 
+def test_checkpoint_must_cover_the_embedding_path(tmp_path, wavs, caplog):
+    """ESPnet loads checkpoints with strict=False: one lacking an encoder weight would leave it random. We refuse
+    it (naming file and key), in the backend and in the trainer's SpeakerTask; a checkpoint without the
+    training loss head (unused for embeddings) loads and embeds exactly as the full one."""
+    import yaml
+
+    from spk_toolkit.backends.espnet import _complete_config
+    from spk_toolkit.tasks.spk import SpeakerTask, checkpoint_coverage
+
+    m = model("xvector")
+    sd = m.model.state_dict()
+    enc_key = next(k for k in sd if k.startswith("encoder.") and k.endswith(".weight"))
+    torch.save({k: v for k, v in sd.items() if k != enc_key}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="bad.pth.*lacks " + enc_key.replace(".", r"\.")):
+        EspnetSpeakerModel(train_config=H.CONFIGS["xvector"], model_file=tmp_path / "bad.pth")
+    full_config = tmp_path / "config.yaml"  # an experiment's config.yaml, as validate_checkpoint reads it
+    full_config.write_text(yaml.safe_dump(_complete_config(H.CONFIGS["xvector"])[0]))
+    with pytest.raises(ValueError, match="lacks " + enc_key.replace(".", r"\.")):
+        SpeakerTask.build_model_from_file(str(full_config), str(tmp_path / "bad.pth"))
+
+    assert any(k.startswith("loss.") for k in sd), "the x-vector config should carry a loss with weights"
+    no_loss = {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    no_loss["something.else"] = torch.zeros(1)
+    torch.save(no_loss, tmp_path / "no_loss.pth")
+    assert checkpoint_coverage(m.model, no_loss) == ([], ["something.else"])
+    with caplog.at_level(logging.INFO, logger="spk_toolkit.tasks.spk"):
+        loaded = EspnetSpeakerModel(train_config=H.CONFIGS["xvector"], model_file=tmp_path / "no_loss.pth")
+    assert "something.else" in caplog.text
+    wav, lengths = H.pad_batch(wavs[:3])
+    torch.testing.assert_close(loaded.embed(wav, lengths), m.embed(wav, lengths))
+
+
 def test_registry_and_errors(tmp_path):
     from spk_toolkit.backends.base import BACKENDS
 

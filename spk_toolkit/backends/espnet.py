@@ -386,16 +386,22 @@ def _complete_config(train_config: str | os.PathLike) -> Tuple[Dict, bool]:
 def _build_espnet_model(train_config, model_file, device):
     from espnet2.tasks.spk import SpeakerTask
 
+    from spk_toolkit.tasks.spk import check_checkpoint
+
     conf, filled = _complete_config(train_config)
     if not filled:
-        return SpeakerTask.build_model_from_file(str(train_config), model_file, device)
-    import yaml
+        model, args = SpeakerTask.build_model_from_file(str(train_config), model_file, device)
+    else:
+        import yaml
 
-    with tempfile.TemporaryDirectory(prefix="spk_toolkit_espnet_") as tmp:
-        path = Path(tmp) / "config.yaml"
-        with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(conf, f)
-        return SpeakerTask.build_model_from_file(str(path), model_file, device)
+        with tempfile.TemporaryDirectory(prefix="spk_toolkit_espnet_") as tmp:
+            path = Path(tmp) / "config.yaml"
+            with open(path, "w", encoding="utf-8") as f:
+                yaml.safe_dump(conf, f)
+            model, args = SpeakerTask.build_model_from_file(str(path), model_file, device)
+    if model_file is not None:  # ESPnet loads with strict=False: refuse a checkpoint that leaves weights random
+        check_checkpoint(model, model_file, train_config)
+    return model, args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,7 +445,8 @@ class EspnetSpeakerModel(EmbeddingModel):
     ------
     ValueError
         Unknown ``batch_mode``; no ``train_config``/``model_file``/``model_tag``; ``batch_mode="masked"`` for an
-        uncovered architecture.
+        uncovered architecture; a ``model_file`` that lacks weights of the embedding path (ESPnet loads
+        checkpoints with ``strict=False``; see :func:`spk_toolkit.tasks.spk.check_checkpoint`).
     ImportError
         ``model_tag`` given but ``espnet_model_zoo`` is not installed, or espnet2 itself is missing.
     FileNotFoundError

@@ -2,16 +2,123 @@
 
 Everything else (options, model building, preprocessor, iterators) is ESPnet's; only the trainer's
 ``validate_one_epoch`` / ``extract_embed`` change (single-pass unique-utterance validation, interpolated EER,
-correct score statistics, device from the model, resumable compressed extraction).
+correct score statistics, device from the model, resumable compressed extraction), and
+:meth:`SpeakerTask.build_model_from_file` refuses a checkpoint that does not cover the model's embedding path
+(ESPnet loads checkpoints with ``strict=False``, which would leave the missing weights randomly initialised).
 """
 from __future__ import annotations
 
+import logging
+import os
+from typing import Dict, List, Tuple
+
+import torch
 from espnet2.tasks.spk import SpeakerTask as _EspnetSpeakerTask
 
 from spk_toolkit.train.spk_trainer import SpkTrainer
+
+logger = logging.getLogger(__name__)
+
+#: State-dict prefixes a checkpoint may lack: the training loss (AAM-softmax / classification head over the
+#: training speakers) is not used to compute embeddings.
+NOT_FOR_EMBEDDINGS = ("loss.",)
+
+
+def unwrap_state_dict(obj) -> Dict[str, torch.Tensor]:
+    """The parameter dict of a loaded checkpoint: unwraps DeepSpeed ``module`` and Lightning ``state_dict``
+    nesting as ESPnet's ``build_model_from_file`` does."""
+    if isinstance(obj, dict) and "module" in obj:
+        obj = obj["module"]
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"not a state dict (a {type(obj).__name__})")
+    return obj
+
+
+def checkpoint_coverage(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
+    """Compare a checkpoint's keys with a model's.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The ESPnet speaker model (``frontend``, ``normalize``, ``encoder``, ``pooling``, ``projector``, ``loss``).
+    state_dict : dict
+        The checkpoint's parameters and buffers (:func:`unwrap_state_dict`).
+
+    Returns
+    -------
+    missing : list of str
+        Keys of the model's embedding path (everything but :data:`NOT_FOR_EMBEDDINGS`, and BatchNorm's
+        ``num_batches_tracked`` counters, which inference does not read) that the checkpoint lacks, sorted.
+    unexpected : list of str
+        Checkpoint keys the model does not have, sorted.
+    """
+    keys = set(state_dict)
+    # ESPnet's legacy renaming for SSL frontends saved before its commit 0a625088
+    if any("frontend.upstream.model" in k for k in keys) and not any(
+        "frontend.upstream.model" in k for k in model.state_dict()
+    ):
+        keys = {k.replace("frontend.upstream.model", "frontend.upstream.upstream.model") for k in keys}
+    model_keys = set(model.state_dict())
+    missing = sorted(
+        k for k in model_keys - keys
+        if not k.startswith(NOT_FOR_EMBEDDINGS) and not k.endswith("num_batches_tracked")
+    )
+    return missing, sorted(keys - model_keys)
+
+
+def check_checkpoint(model: torch.nn.Module, model_file: str | os.PathLike, config_file=None) -> None:
+    """Raise unless ``model_file`` holds every parameter and buffer of ``model``'s embedding path.
+
+    Unexpected keys and a missing training loss are only logged (a checkpoint trained for another speaker
+    count has a differently sized classification head, which embeddings do not use).
+
+    Raises
+    ------
+    ValueError
+        The checkpoint lacks weights of the embedding path (message names the file, the config and the keys)
+        or is not a state dict.
+    """
+    from espnet2.torch_utils.safe_torch_load import safe_torch_load
+
+    try:
+        sd = unwrap_state_dict(safe_torch_load(model_file, map_location="cpu"))
+    except ValueError as e:
+        raise ValueError(f"{model_file}: {e}") from e
+    missing, unexpected = checkpoint_coverage(model, sd)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(
+            f"{model_file}: the checkpoint does not match {config_file or 'its config.yaml'}: it lacks {shown}. "
+            "ESPnet loads checkpoints with strict=False and would leave these weights randomly initialised; "
+            "pass the config.yaml the checkpoint was trained with."
+        )
+    if unexpected:
+        logger.info("%s: %d checkpoint keys not in the model (ignored): %s", model_file, len(unexpected),
+                    ", ".join(unexpected[:8]))
 
 
 class SpeakerTask(_EspnetSpeakerTask):
     """``espnet2.tasks.spk.SpeakerTask`` whose ``trainer`` is spk_toolkit's :class:`SpkTrainer`."""
 
     trainer = SpkTrainer
+
+    @classmethod
+    def build_model_from_file(cls, config_file=None, model_file=None, device: str = "cpu"):
+        """ESPnet's ``build_model_from_file``, then :func:`check_checkpoint` when ``model_file`` is given.
+
+        Returns
+        -------
+        (model, args)
+            As ESPnet returns them.
+
+        Raises
+        ------
+        ValueError
+            The checkpoint lacks weights of the embedding path (see :func:`check_checkpoint`).
+        """
+        model, args = super().build_model_from_file(config_file, model_file, device)
+        if model_file is not None:
+            check_checkpoint(model, model_file, config_file)
+        return model, args
