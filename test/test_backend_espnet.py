@@ -190,6 +190,40 @@ def test_checkpoint_must_cover_the_embedding_path(tmp_path, wavs, caplog):
     torch.testing.assert_close(loaded.embed(wav, lengths), m.embed(wav, lengths))
 
 
+def test_training_config_loads_checkpoint_of_any_speaker_count(tmp_path, wavs):
+    """A training config without spk_num (ESPnet recipes pass it on the command line) + a checkpoint trained on
+    10 speakers: ESPnet alone fails on the loss head's shape; we load every weight but the head (which
+    embeddings do not use). A shape mismatch on the embedding path is refused, naming file and key."""
+    import yaml
+
+    from espnet2.tasks.spk import SpeakerTask as EspnetSpeakerTask
+
+    from spk_toolkit.backends.espnet import _complete_config
+
+    conf = _complete_config(H.CONFIGS["xvector"])[0]
+    assert "spk_num" not in yaml.safe_load(H.CONFIGS["xvector"].read_text())
+    conf["spk_num"] = 10
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(conf))
+    torch.manual_seed(3)
+    trained, _ = EspnetSpeakerTask.build_model_from_file(str(tmp_path / "config.yaml"), None, "cpu")
+    trained.eval()
+    sd = trained.state_dict()
+    assert sd["loss.weight"].shape[0] == 10
+    torch.save(sd, tmp_path / "trained.pth")
+    (tmp_path / "filled.yaml").write_text(yaml.safe_dump({**conf, "spk_num": 2}))  # the filled training config
+    with pytest.raises(RuntimeError, match="size mismatch for loss"):  # what ESPnet's own loading does with it
+        EspnetSpeakerTask.build_model_from_file(str(tmp_path / "filled.yaml"), str(tmp_path / "trained.pth"), "cpu")
+    from_training_config = EspnetSpeakerModel(train_config=H.CONFIGS["xvector"], model_file=tmp_path / "trained.pth")
+    from_experiment = EspnetSpeakerModel(train_config=tmp_path / "config.yaml", model_file=tmp_path / "trained.pth")
+    wav, lengths = H.pad_batch(wavs[:3])
+    torch.testing.assert_close(from_training_config.embed(wav, lengths), from_experiment.embed(wav, lengths))
+    k = next(k for k in sd if k.startswith("encoder.") and k.endswith(".weight") and sd[k].ndim >= 2)
+    sd[k] = sd[k][:-1]
+    torch.save(sd, tmp_path / "wrong_shape.pth")
+    with pytest.raises(ValueError, match="(?s)wrong_shape.pth.*does not fit.*" + k.replace(".", r"\.")):
+        EspnetSpeakerModel(train_config=H.CONFIGS["xvector"], model_file=tmp_path / "wrong_shape.pth")
+
+
 def test_registry_and_errors(tmp_path):
     from spk_toolkit.backends.base import BACKENDS
 

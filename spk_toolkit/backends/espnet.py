@@ -386,21 +386,23 @@ def _complete_config(train_config: str | os.PathLike) -> Tuple[Dict, bool]:
 def _build_espnet_model(train_config, model_file, device):
     from espnet2.tasks.spk import SpeakerTask
 
-    from spk_toolkit.tasks.spk import check_checkpoint
+    from spk_toolkit.tasks.spk import check_checkpoint, load_embedding_weights
 
     conf, filled = _complete_config(train_config)
-    if not filled:
+    if not filled:  # an experiment's config.yaml: ESPnet's own loading, then the coverage check
         model, args = SpeakerTask.build_model_from_file(str(train_config), model_file, device)
-    else:
-        import yaml
+        if model_file is not None:  # ESPnet loads with strict=False: refuse a checkpoint that leaves weights random
+            check_checkpoint(model, model_file, train_config)
+        return model, args
+    import yaml
 
-        with tempfile.TemporaryDirectory(prefix="spk_toolkit_espnet_") as tmp:
-            path = Path(tmp) / "config.yaml"
-            with open(path, "w", encoding="utf-8") as f:
-                yaml.safe_dump(conf, f)
-            model, args = SpeakerTask.build_model_from_file(str(path), model_file, device)
-    if model_file is not None:  # ESPnet loads with strict=False: refuse a checkpoint that leaves weights random
-        check_checkpoint(model, model_file, train_config)
+    with tempfile.TemporaryDirectory(prefix="spk_toolkit_espnet_") as tmp:
+        path = Path(tmp) / "config.yaml"
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(conf, f)
+        model, args = SpeakerTask.build_model_from_file(str(path), None, device)
+    if model_file is not None:  # spk_num may be invented: load everything but the loss head
+        load_embedding_weights(model, model_file, train_config)
     return model, args
 
 

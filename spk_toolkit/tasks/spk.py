@@ -36,6 +36,18 @@ def unwrap_state_dict(obj) -> Dict[str, torch.Tensor]:
     return obj
 
 
+def legacy_renamed(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with ESPnet's legacy key renaming applied where the model needs it.
+
+    SSL frontends saved before ESPnet commit 0a625088 store ``frontend.upstream.model.*`` where current models
+    have ``frontend.upstream.upstream.model.*`` (as ``build_model_from_file`` renames them).
+    """
+    old, new = "frontend.upstream.model", "frontend.upstream.upstream.model"
+    if any(old in k for k in state_dict) and any(new in k for k in model.state_dict()):
+        return {k.replace(old, new): v for k, v in state_dict.items()}
+    return state_dict
+
+
 def checkpoint_coverage(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
     """Compare a checkpoint's keys with a model's.
 
@@ -54,12 +66,7 @@ def checkpoint_coverage(model: torch.nn.Module, state_dict: Dict[str, torch.Tens
     unexpected : list of str
         Checkpoint keys the model does not have, sorted.
     """
-    keys = set(state_dict)
-    # ESPnet's legacy renaming for SSL frontends saved before its commit 0a625088
-    if any("frontend.upstream.model" in k for k in keys) and not any(
-        "frontend.upstream.model" in k for k in model.state_dict()
-    ):
-        keys = {k.replace("frontend.upstream.model", "frontend.upstream.upstream.model") for k in keys}
+    keys = set(legacy_renamed(model, state_dict))
     model_keys = set(model.state_dict())
     missing = sorted(
         k for k in model_keys - keys
@@ -68,11 +75,37 @@ def checkpoint_coverage(model: torch.nn.Module, state_dict: Dict[str, torch.Tens
     return missing, sorted(keys - model_keys)
 
 
-def check_checkpoint(model: torch.nn.Module, model_file: str | os.PathLike, config_file=None) -> None:
+def read_state_dict(model_file: str | os.PathLike) -> Dict[str, torch.Tensor]:
+    """Load a checkpoint's state dict on the CPU with ESPnet's ``safe_torch_load`` (``weights_only=True``).
+
+    Raises
+    ------
+    ValueError
+        The file holds no state dict.
+    """
+    from espnet2.torch_utils.safe_torch_load import safe_torch_load
+
+    try:
+        return unwrap_state_dict(safe_torch_load(model_file, map_location="cpu"))
+    except ValueError as e:
+        raise ValueError(f"{model_file}: {e}") from e
+
+
+def check_checkpoint(model: torch.nn.Module, model_file: str | os.PathLike, config_file=None, state_dict=None) -> None:
     """Raise unless ``model_file`` holds every parameter and buffer of ``model``'s embedding path.
 
-    Unexpected keys and a missing training loss are only logged (a checkpoint trained for another speaker
-    count has a differently sized classification head, which embeddings do not use).
+    Unexpected keys are only logged; a checkpoint without the training loss head passes (embeddings do not
+    use it).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    model_file : path
+        The checkpoint (named in messages; read unless ``state_dict`` is given).
+    config_file : path, optional
+        The config the model was built from (named in messages).
+    state_dict : dict, optional
+        The checkpoint's state dict when already loaded.
 
     Raises
     ------
@@ -80,12 +113,7 @@ def check_checkpoint(model: torch.nn.Module, model_file: str | os.PathLike, conf
         The checkpoint lacks weights of the embedding path (message names the file, the config and the keys)
         or is not a state dict.
     """
-    from espnet2.torch_utils.safe_torch_load import safe_torch_load
-
-    try:
-        sd = unwrap_state_dict(safe_torch_load(model_file, map_location="cpu"))
-    except ValueError as e:
-        raise ValueError(f"{model_file}: {e}") from e
+    sd = read_state_dict(model_file) if state_dict is None else state_dict
     missing, unexpected = checkpoint_coverage(model, sd)
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
@@ -97,6 +125,27 @@ def check_checkpoint(model: torch.nn.Module, model_file: str | os.PathLike, conf
     if unexpected:
         logger.info("%s: %d checkpoint keys not in the model (ignored): %s", model_file, len(unexpected),
                     ", ".join(unexpected[:8]))
+
+
+def load_embedding_weights(model: torch.nn.Module, model_file: str | os.PathLike, config_file=None) -> None:
+    """Load ``model_file`` into ``model`` except the training loss head, after :func:`check_checkpoint`.
+
+    For a model built from a *training* config that does not say ``spk_num`` (ESPnet recipes pass it on the
+    command line): the classification head then has an invented size, and skipping it lets the checkpoint of
+    any speaker count load. The loss head stays as initialised; embeddings do not use it.
+
+    Raises
+    ------
+    ValueError
+        Missing weights of the embedding path (:func:`check_checkpoint`), or a weight whose shape differs from
+        the model's (message names file, config and torch's reason).
+    """
+    sd = legacy_renamed(model, read_state_dict(model_file))
+    check_checkpoint(model, model_file, config_file, state_dict=sd)
+    try:
+        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(NOT_FOR_EMBEDDINGS)}, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{model_file}: the checkpoint does not fit {config_file}: {e}") from e
 
 
 class SpeakerTask(_EspnetSpeakerTask):
