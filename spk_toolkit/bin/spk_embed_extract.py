@@ -98,7 +98,10 @@ def main(cmd=None):
     if args.distributed and args.multiprocessing_distributed:
         sys.exit("spk_embed_extract: --multiprocessing_distributed is not supported; launch with "
                  "torchrun --nproc_per_node=N -m spk_toolkit.bin.spk_embed_extract ...")
-    run(args)
+    from spk_toolkit.parallel.dist import process_group_teardown
+
+    with process_group_teardown():
+        run(args)
 
 
 if __name__ == "__main__":

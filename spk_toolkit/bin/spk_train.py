@@ -17,6 +17,7 @@ Two CPU processes (gloo)::
 
     torchrun --nproc_per_node=2 -m spk_toolkit.bin.spk_train --dist_backend gloo --ngpu 0 ... (same options)
 """
+from spk_toolkit.parallel.dist import process_group_teardown
 from spk_toolkit.tasks.spk import SpeakerTask
 
 
@@ -27,7 +28,8 @@ def get_parser():
 
 def main(cmd=None):
     """Run training (``cmd``: list of arguments, default ``sys.argv[1:]``)."""
-    SpeakerTask.main(cmd=cmd)
+    with process_group_teardown():
+        SpeakerTask.main(cmd=cmd)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ Only rank 0 shows a progress bar and returns the summary; other ranks return Non
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -85,6 +86,24 @@ def init_distributed(device: str = "cpu", timeout_s: Optional[float] = None):
     timeout = datetime.timedelta(seconds=float(timeout_s or os.environ.get("SPK_DIST_TIMEOUT", 6 * 3600)))
     dist.init_process_group(backend=backend, timeout=timeout)
     return True
+
+
+@contextlib.contextmanager
+def process_group_teardown():
+    """Destroy the default ``torch.distributed`` process group when the block ends, if one is initialised.
+
+    For entry points whose process group is created elsewhere (ESPnet's ``SpeakerTask.main``, ESPnet's
+    ``DistributedOption``). Left to interpreter exit, the gloo/NCCL threads are torn down in arbitrary order
+    and a rank may abort with "terminate called without an active exception" after its work is done (seen
+    with 2 gloo ranks under load); PyTorch asks programs to call ``destroy_process_group()`` before exiting.
+    """
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def extract_distributed(data, output_dir, toolkit: str = "resemblyzer", model=None, model_kwargs=None, **options):
