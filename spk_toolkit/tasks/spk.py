@@ -26,7 +26,23 @@ NOT_FOR_EMBEDDINGS = ("loss.",)
 
 def unwrap_state_dict(obj) -> Dict[str, torch.Tensor]:
     """The parameter dict of a loaded checkpoint: unwraps DeepSpeed ``module`` and Lightning ``state_dict``
-    nesting as ESPnet's ``build_model_from_file`` does."""
+    nesting as ESPnet's ``build_model_from_file`` does (espnet2/tasks/abs_task.py).
+
+    Parameters
+    ----------
+    obj : object
+        What ``torch.load`` returned for the checkpoint.
+
+    Returns
+    -------
+    dict
+        Key -> tensor (parameters and buffers, any shapes).
+
+    Raises
+    ------
+    ValueError
+        ``obj`` (after unwrapping) is not a dict.
+    """
     if isinstance(obj, dict) and "module" in obj:
         obj = obj["module"]
     if isinstance(obj, dict) and "state_dict" in obj:
@@ -100,8 +116,10 @@ def check_checkpoint(model: torch.nn.Module, model_file: str | os.PathLike, conf
     Parameters
     ----------
     model : torch.nn.Module
+        The built ESPnet speaker model whose keys must be covered.
     model_file : path
-        The checkpoint (named in messages; read unless ``state_dict`` is given).
+        The checkpoint (named in messages; read unless ``state_dict`` is given: after ESPnet's own loading this
+        reads the file a second time, once per model load, off the extraction path).
     config_file : path, optional
         The config the model was built from (named in messages).
     state_dict : dict, optional
