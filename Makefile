@@ -22,7 +22,7 @@ test-fast: setup data
 
 bench: setup data  # the 2-core CPU command of docs/benchmarks.md (issue 2, criterion 6)
 	$(PY) bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml \
-	    --batch_bins 512000 --repeats 6 --model_streams 2
+	    --batch_bins 512000 --repeats 6 --model_streams 2 --num_workers 0
 
 clean:
 	rm -rf exp .pytest_cache

@@ -2,8 +2,8 @@
 
 (a) per-utterance loop: decode + prepare + embed one utterance at a time with the same model (how ESPnet's
     sequential extractor, WeSpeaker's batch-1 test extraction and 3D-Speaker's extract.py work);
-(b) the batched pipeline: ``spk_toolkit.engine.extract`` end to end (decoding workers, length buckets, masking,
-    shard files, merge, npz writing);
+(b) the batched pipeline: ``spk_toolkit.engine.extract`` end to end (decoding in workers, or in the model streams
+    with ``--num_workers 0 --model_streams 2``; length buckets, masking, shard files, merge, npz writing);
 (c) the model's forward alone on pre-loaded, pre-batched tensors (same buckets as (b)): the ceiling.
 
 Throughput = seconds of audio per wall-clock second. Prints (b)/(a), (b)/(c) and the padding waste, from each
@@ -11,7 +11,7 @@ way's best time and paired per repetition (a, b, c run back to back, in alternat
 drift cancels in the ratio of one repetition; the median of the paired ratios is the robust figure).
 
     python bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml \
-        --batch_bins 512000 --repeats 6 --model_streams 2          # 2-core CPU (docs/benchmarks.md)
+        --batch_bins 512000 --repeats 6 --model_streams 2 --num_workers 0   # 2-core CPU (docs/benchmarks.md)
     python bench/extract_throughput.py ... --device cuda --num_workers 14 --corpus_repeats 4   # GPU
     python bench/extract_throughput.py --toolkit resemblyzer
 """

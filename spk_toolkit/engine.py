@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from spk_toolkit.backends.base import EmbeddingModel, load_model
-from spk_toolkit.data import Batch, UtteranceDataset, batch_loader, bucket_batches, padding_waste
+from spk_toolkit.data import Batch, TaggedBatchDataset, UtteranceDataset, batch_loader, bucket_batches, padding_waste
 from spk_toolkit.io.audio import is_pipe
 from spk_toolkit.io.datadir import CorpusError, Utterance, load_corpus, measure_durations, spk2utt_from
 from spk_toolkit.io.writers import get_writer, parse_formats
@@ -61,7 +61,10 @@ class ExtractOptions:
     batch_bins : int
         Bound on padded samples per batch ``B * T`` at the model's rate (default 16 kHz x 240 s).
     num_workers : int
-        DataLoader decoding workers (0 = decode in the main process).
+        DataLoader decoding workers (processes that decode ahead of the model). 0 = decode in this process: in
+        the main thread with one model stream, or, with ``model_streams > 1``, each stream decodes its own next
+        batch before its forward (on a 2-core CPU the fastest setting for an ESPnet model: no decoding process
+        preempts the model threads; docs/benchmarks.md). On a GPU, give decoding workers most cores.
     output_format : list of str
         Writer registry names (``npz``, ``kaldi_ark``, ``hdf5``, ``npy_dir``).
     on_error : str
@@ -344,7 +347,8 @@ def run_shards(
     All the shards' batches go through one DataLoader (workers decode ahead across shard boundaries); a shard is
     written atomically as soon as its last batch is embedded.
     With ``opts.model_streams > 1`` that many forwards run concurrently (:func:`stream_threads`); results are
-    still consumed in batch order by this thread.
+    still consumed in batch order by this thread. With ``opts.num_workers == 0`` as well, each stream decodes the
+    batch it embeds.
 
     Returns
     -------
@@ -437,33 +441,48 @@ def run_shards(
             return None
         return model.embed(batch.wav, batch.lengths).detach().float().cpu().numpy()
 
+    def embed_loaded(batch: Batch) -> tuple:
+        return batch, embed(batch)
+
+    def decode_and_embed(k: int) -> tuple:
+        batch = in_stream[k]  # decoded and collated in this stream's thread (soundfile and soxr release the GIL)
+        return batch, embed(batch)
+
     with stream_threads(opts.torch_threads, opts.model_streams):
-        loader = batch_loader(ds, batches, tags, num_workers=opts.num_workers)
         if opts.model_streams == 1:
-            for batch in loader:
+            for batch in batch_loader(ds, batches, tags, num_workers=opts.num_workers):
                 consume(batch, embed(batch))
         else:
             # Concurrent forwards on different batches, each with threads // streams intra-op threads: a stream
             # preempted by a decoding worker stalls alone, where one multi-threaded forward waits at every
-            # barrier for its preempted thread. Results are consumed in batch order, so bookkeeping, errors
-            # and shard writes behave exactly as with one stream.
+            # barrier for its preempted thread. With num_workers=0 each stream decodes its own next batch
+            # before its forward: exactly one runnable thread per stream, no process competing with the model
+            # threads and no batch pickled through shared memory (on 2 cores the fastest way, docs/benchmarks.md).
+            # Results are consumed in batch order, so bookkeeping, errors and shard writes behave exactly as
+            # with one stream.
+            if opts.num_workers > 0:
+                jobs = ((embed_loaded, b) for b in batch_loader(ds, batches, tags, num_workers=opts.num_workers))
+            else:
+                in_stream = TaggedBatchDataset(ds, batches, tags)
+                jobs = ((decode_and_embed, k) for k in range(len(batches)))
             with concurrent.futures.ThreadPoolExecutor(opts.model_streams, thread_name_prefix="spk-model") as pool:
                 pending: Deque = collections.deque()
                 try:
-                    for batch in loader:
-                        pending.append((batch, pool.submit(embed, batch)))
+                    # streams running and one queued: a stream that finishes early starts the next job at once
+                    for fn, arg in jobs:
+                        pending.append(pool.submit(fn, arg))
                         while len(pending) > opts.model_streams:
-                            b, fut = pending.popleft()
-                            consume(b, fut.result())
+                            consume(*pending.popleft().result())
                     while pending:
-                        b, fut = pending.popleft()
-                        consume(b, fut.result())
+                        consume(*pending.popleft().result())
                 finally:
-                    for _, fut in pending:
+                    for fut in pending:
                         fut.cancel()
         if pbar is not None:
             pbar.close()
-    stats["decoded"] = ds.decoded if opts.num_workers == 0 else sum(len(b) for b in batches)
+    # items decoded: the dataset counts them itself only when one thread of this process decodes
+    single = opts.num_workers == 0 and opts.model_streams == 1
+    stats["decoded"] = ds.decoded if single else sum(len(b) for b in batches)
     return stats
 
 
