@@ -65,6 +65,9 @@ def main():
     ap.add_argument("--model_streams", type=int, default=1,
                     help="concurrent forwards in (b), each with threads/streams intra-op threads; (c) is then timed "
                          "both ways (one stream with all threads, and the same streams) and the faster by median time is (c)")
+    ap.add_argument("--compare_num_workers", type=int, default=-1,
+                    help="also time the pipeline with this many decoding workers (e.g. 1 against --num_workers 0) in "
+                         "every repetition, next to (b), and print the paired ratio (-1 = off)")
     ap.add_argument("--corpus_repeats", type=int, default=1,
                     help="list the corpus N times under new utt ids (every copy is decoded again): a GPU run long "
                          "enough that start-up costs do not dominate")
@@ -110,14 +113,24 @@ def main():
         sync()
         ta.append(time.perf_counter() - t)
 
-    def run_b():  # batched pipeline, end to end (decoding workers, buckets, masking, shard files, merge, npz)
+    def pipeline(num_workers):  # batched pipeline, end to end (decoding, buckets, masking, shards, merge, npz)
         out = Path(tempfile.mkdtemp(prefix="bench_extract_"))
         t = time.perf_counter()
-        s = extract(utts, out, model=model, batch_bins=a.batch_bins, num_workers=a.num_workers, progress=False,
+        s = extract(utts, out, model=model, batch_bins=a.batch_bins, num_workers=num_workers, progress=False,
                     model_streams=a.model_streams)
-        tb.append(time.perf_counter() - t)
-        summaries.append(s)
+        dt = time.perf_counter() - t
         shutil.rmtree(out, ignore_errors=True)
+        if s["embedded"] != len(utts):
+            raise SystemExit(f"pipeline with num_workers={num_workers} embedded {s['embedded']} of {len(utts)}")
+        return dt, s
+
+    def run_b():
+        dt, s = pipeline(a.num_workers)
+        tb.append(dt)
+        summaries.append(s)
+
+    def run_b_alt():  # the same pipeline with the other decoding set-up (--compare_num_workers)
+        tb_alt.append(pipeline(a.compare_num_workers)[0])
 
     def run_c1():  # forward alone on pre-loaded, pre-batched tensors (same bucketing), one stream
         t = time.perf_counter()
@@ -132,14 +145,17 @@ def main():
     # Every repetition runs all ways back to back, in alternating order (a, b, c streams, c one stream, then the
     # reverse): this VM's speed drifts by +-5-10 % within minutes, so (b) always runs next to the streamed (c)
     # and a linear drift cancels over two repetitions in the paired ratios.
-    ta, tb, tc, tc2, summaries = [], [], [], [], []
+    ta, tb, tc, tc2, tb_alt, summaries = [], [], [], [], [], []
     order = [run_a, run_b, run_c1] if a.model_streams == 1 else [run_a, run_b, run_cs, run_c1]
+    if a.compare_num_workers >= 0:
+        order.insert(1, run_b_alt)  # (b) stays next to the forward it is compared with
     for rep in range(a.repeats):
         for step in (order if rep % 2 == 0 else order[::-1]):
             step()
     s = summaries[-1]
     waste_b = s.get("padding_waste", float("nan"))
-    for name, runs in (("a", ta), ("b", tb), ("c", tc), ("c, streams", tc2)):
+    for name, runs in (("a", ta), ("b", tb), (f"b, num_workers={a.compare_num_workers}", tb_alt), ("c", tc),
+                       ("c, streams", tc2)):
         if runs:
             print(f"runs ({name}): " + ", ".join(f"{x:.1f}" for x in runs) + " s")
     # (c) is the faster way of running the forward alone, chosen by median time: one forward with all intra-op
@@ -167,6 +183,11 @@ def main():
     print("paired per repetition: (b)/(a) = " + ", ".join(f"{x:.2f}" for x in pair_ba)
           + f" (median {np.median(pair_ba):.2f});  (b)/(c) = " + ", ".join(f"{x:.3f}" for x in pair_bc)
           + f" (median {np.median(pair_bc):.3f})")
+    if tb_alt:
+        pair = [x / y for x, y in zip(tb_alt, tb)]
+        print(f"(b) num_workers={a.num_workers} against num_workers={a.compare_num_workers} (speed-up, paired): "
+              + ", ".join(f"{x:.3f}" for x in pair) + f" (median {np.median(pair):.3f}); "
+              f"best times {min(tb):.1f} vs {min(tb_alt):.1f} s")
     if tc2:
         print(f"ratio (b)/(c, 1 stream x {torch.get_num_threads()} threads) = {min(tc1) / tb_best:.2f}, "
               f"(b)/(c, {a.model_streams} streams) = {min(tc2) / tb_best:.2f}")

@@ -80,3 +80,15 @@ def test_streams_bad_input(bad_dir, ecapa, tmp_path, num_workers):
 def test_streams_validation():
     with pytest.raises(ValueError, match="model_streams"):
         extract("unused", "unused", model_streams=0)
+
+
+def test_resemblyzer_decoding_in_streams_equals_default(small_run, fillets_small, tmp_path):
+    # the default model's VAD preparation (webrtcvad) and mel run in the stream threads: same embeddings as the
+    # default set-up (one decoding worker, one stream), which small_run used
+    out, summary = small_run
+    s = extract(fillets_small, tmp_path, progress=False, shard_duration=60, model_streams=2, num_workers=0)
+    assert s["embedded"] == summary["embedded"] == len(load_kaldi_dir(fillets_small))
+    a, b = load_embeddings(out / "embeddings.npz"), load_embeddings(tmp_path / "embeddings.npz")
+    assert list(a) == list(b)
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert worst < 1e-5, worst  # unit-norm GE2E embeddings; 1 vs 2 intra-op threads differ by float32 rounding
