@@ -96,6 +96,11 @@ def process_group_teardown():
     ``DistributedOption``). Left to interpreter exit, the gloo/NCCL threads are torn down in arbitrary order
     and a rank may abort with "terminate called without an active exception" after its work is done (seen
     with 2 gloo ranks under load); PyTorch asks programs to call ``destroy_process_group()`` before exiting.
+
+    Raises
+    ------
+    Exception
+        Whatever the block raises, after the process group is destroyed; nothing of its own.
     """
     try:
         yield

@@ -57,6 +57,18 @@ def legacy_renamed(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]) 
 
     SSL frontends saved before ESPnet commit 0a625088 store ``frontend.upstream.model.*`` where current models
     have ``frontend.upstream.upstream.model.*`` (as ``build_model_from_file`` renames them).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The built model (its keys decide whether the renaming applies).
+    state_dict : dict
+        Checkpoint key -> tensor (any shapes; tensors are not copied).
+
+    Returns
+    -------
+    dict
+        ``state_dict`` itself, or a new dict with the legacy keys renamed. Raises nothing.
     """
     old, new = "frontend.upstream.model", "frontend.upstream.upstream.model"
     if any(old in k for k in state_dict) and any(new in k for k in model.state_dict()):
@@ -94,10 +106,24 @@ def checkpoint_coverage(model: torch.nn.Module, state_dict: Dict[str, torch.Tens
 def read_state_dict(model_file: str | os.PathLike) -> Dict[str, torch.Tensor]:
     """Load a checkpoint's state dict on the CPU with ESPnet's ``safe_torch_load`` (``weights_only=True``).
 
+    Parameters
+    ----------
+    model_file : path
+        An ESPnet checkpoint (``*.pth``), possibly DeepSpeed/Lightning-wrapped (:func:`unwrap_state_dict`).
+
+    Returns
+    -------
+    dict
+        Key -> CPU tensor (parameters and buffers, any shapes).
+
     Raises
     ------
     ValueError
-        The file holds no state dict.
+        The file holds no state dict (message names the file).
+    FileNotFoundError
+        No such file.
+    RuntimeError
+        A file that ``safe_torch_load`` will not load as weights (e.g. not a checkpoint).
     """
     from espnet2.torch_utils.safe_torch_load import safe_torch_load
 
