@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3.11}
-stamp="$VENV/.spk_toolkit_setup_v1"
+stamp="$VENV/.spk_toolkit_setup_v2"
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip="$VENV/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt"
@@ -14,7 +14,7 @@ $pip torch==2.13.0
 $pip --no-deps --ignore-requires-python espnet==202611
 $pip numpy scipy typeguard humanfriendly librosa torch-complex PyYAML sentencepiece==0.2.1 tqdm \
      asteroid-filterbanks==0.4.0 soundfile soxr kaldiio h5py matplotlib pytest hypothesis \
-     "dask[distributed]" webrtcvad
+     "dask[distributed]" dask-jobqueue webrtcvad
 $VENV/bin/python -m pip install -q --disable-pip-version-check --no-deps omniio torchaudio==2.11.0 resemblyzer==0.1.4
 rm -f "$VENV"/lib/python*/site-packages/torchaudio/lib/*.so
 $VENV/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps --no-build-isolation -e .

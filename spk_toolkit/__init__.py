@@ -34,11 +34,13 @@ def __getattr__(name):
     raise AttributeError(f"module 'spk_toolkit' has no attribute {name!r}")
 
 
-def extract_embeddings(data, output_dir, toolkit: str = "resemblyzer", model=None, model_kwargs=None, **options):
-    """Extract one embedding per utterance of a corpus into ``output_dir``.
+def extract_embeddings(data, output_dir, toolkit: str = "resemblyzer", model=None, model_kwargs=None,
+                       executor=None, parallel=None, **options):
+    """Extract one embedding per utterance of a corpus into ``output_dir`` (:func:`spk_toolkit.engine.extract`).
 
-    Runs in this process, or as one rank of a ``torchrun`` job when ``WORLD_SIZE`` > 1 (every rank calls this;
-    rank 0 merges). Resumes a previous run in ``output_dir`` (finished shards are skipped).
+    Runs in this process unless ``executor`` (``"torchrun"``: every rank calls this, rank 0 merges; ``"dask"``)
+    or ``parallel`` (a Dask parallel config) says otherwise; the environment never switches executor. Resumes
+    a previous run in ``output_dir`` (finished shards are verified and skipped).
 
     Parameters
     ----------
@@ -48,43 +50,35 @@ def extract_embeddings(data, output_dir, toolkit: str = "resemblyzer", model=Non
     toolkit : str
         Backend registry name (``resemblyzer`` default, ``espnet``).
     model : EmbeddingModel, optional
-        Use this backend instance instead of building one.
+        Use this backend instance instead of building one (in-process and torchrun executors).
     model_kwargs : dict, optional
         Backend constructor arguments.
+    executor : str, optional
+        ``inprocess`` (default), ``torchrun``, ``dask`` (:mod:`spk_toolkit.parallel`).
+    parallel : path or dict, optional
+        Dask parallel config (YAML path or ``{env, n_workers, options}``); implies ``executor="dask"``.
     **options
         :class:`spk_toolkit.engine.ExtractOptions` fields (``batch_bins``, ``num_workers``, ``output_format``,
-        ``on_error``, ``max_errors``, ``min_duration``, ``allow_pipes``, ``shard_duration``, ``overwrite``), plus
-        ``parallel``: a Dask parallel config (YAML path or dict ``{env, n_workers, options}``) to run the shards
-        on Dask workers (:mod:`spk_toolkit.parallel.dask`).
+        ``on_error``, ``max_errors``, ``min_duration``, ``allow_pipes``, ``shard_duration``, ``overwrite``,
+        ``crops``, ``lock_timeout``, ...).
 
     Returns
     -------
     dict or None
-        The run summary (``summary.json``); None on non-zero torchrun ranks.
+        The run summary (``summary.json``); None on torchrun ranks > 0.
 
     Raises
     ------
     spk_toolkit.CorpusError
         Malformed corpus, before any work starts.
     spk_toolkit.ExtractionError
-        ``on_error="raise"`` met a bad utterance, too many errors, or a changed corpus/model in ``output_dir``.
+        ``on_error="raise"`` met a bad utterance, too many errors, a changed corpus/model in ``output_dir``,
+        the directory is in use by another run, or a worker failed.
     """
     from spk_toolkit import engine
-    from spk_toolkit.parallel import world_size_from_env
 
-    parallel = options.pop("parallel", None)
-    if parallel:  # Dask executor: --parallel conf/parallel_*.yaml (the model is built on the workers)
-        if model is not None:
-            raise ValueError("parallel= builds the model on each Dask worker; pass toolkit/model_kwargs, not model")
-        from spk_toolkit.parallel.dask import extract_dask
-
-        return extract_dask(data, output_dir, parallel, toolkit=toolkit, model_kwargs=model_kwargs, **options)
-    if world_size_from_env() > 1:  # launched by torchrun: this process is one rank
-        from spk_toolkit.parallel.dist import extract_distributed
-
-        return extract_distributed(data, output_dir, toolkit=toolkit, model=model, model_kwargs=model_kwargs,
-                                   **options)
-    return engine.extract(data, output_dir, toolkit=toolkit, model=model, model_kwargs=model_kwargs, **options)
+    return engine.extract(data, output_dir, toolkit=toolkit, model=model, model_kwargs=model_kwargs,
+                          executor=executor, parallel=parallel, **options)
 
 
 def score_trials(embeddings, trials, fmt: str = "auto", p_targets=(0.01, 0.05)) -> dict:

@@ -90,7 +90,16 @@ class UtteranceDataset(torch.utils.data.Dataset):
         """
         u = self.utts[i]
         self.decoded += 1
-        x, _ = read_audio(u.path, self.sample_rate, u.start, u.end, allow_pipes=self.allow_pipes)
+        if u.audio is not None:  # an in-memory utterance (Utterance.audio at Utterance.sample_rate)
+            x = np.asarray(u.audio, dtype=np.float32).reshape(-1)
+            if u.sample_rate != self.sample_rate:
+                import soxr
+
+                x = soxr.resample(x, u.sample_rate, self.sample_rate).astype(np.float32)
+            if not np.isfinite(x).all():
+                raise AudioLoadingError(u.path, "non-finite samples (NaN or Inf)")
+        else:
+            x, _ = read_audio(u.path, self.sample_rate, u.start, u.end, allow_pipes=self.allow_pipes)
         if len(x) < self.min_samples:
             raise AudioLoadingError(
                 u.path, f"too short: {len(x) / self.sample_rate:.3f} s < {self.min_samples / self.sample_rate:.3f} s"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -53,7 +52,8 @@ def write_pipeline_outputs(data_root, run_dir, output_dir) -> dict:
         ``embeddings.npz`` holds keys that are not in the audio tree (a run over another corpus).
     """
     from spk_toolkit.io.datadir import load_audio_tree
-    from spk_toolkit.io.writers import get_writer
+    from spk_toolkit.io.atomic import atomic_write_text
+    from spk_toolkit.io.storage import get_writer
 
     run, out = Path(run_dir), Path(output_dir)
     if not (run / "embeddings.npz").is_file():
@@ -109,9 +109,7 @@ def write_pipeline_outputs(data_root, run_dir, output_dir) -> dict:
                   "errors": str(run / "errors.tsv")},
     }
     for name, obj in (("utterance_list.json", utt_list), ("speaker_list.json", spk_list), ("summary.json", summary)):
-        tmp = out / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, json.dumps(obj, indent=2, ensure_ascii=False))
     return summary
 
 

@@ -89,26 +89,29 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def real_speech(targets=(0.6, 1.5, 3.0, 6.0, 12.0, 19.0), sr: int = 16000) -> list[np.ndarray]:
-    """Real speech from ``data/fillets`` (if present): for each target duration in seconds the utterance
-    closest to it, mono, resampled to ``sr``. Returns [] when the corpus is absent or unreadable."""
-    d = ROOT / "data" / "fillets"
-    try:
-        import soundfile as sf
-        import soxr
+    """Real speech from ``data/fillets`` (``$SPK_TOOLKIT_DATA/fillets`` when set, as in conftest.py): for each
+    target duration in seconds the utterance closest to it, mono, resampled to ``sr``.
 
-        durs = {}
-        for line in (d / "utt2dur").read_text().splitlines():
-            k, v = line.split()
-            durs[k] = float(v)
-        paths = dict(line.split(maxsplit=1) for line in (d / "wav.scp").read_text().splitlines())
-        out = []
-        for t in targets:
-            utt = min((k for k in durs if k in paths and durs[k] > 0.3), key=lambda k: abs(durs[k] - t))
-            x, rate = sf.read(paths[utt].strip(), dtype="float32", always_2d=True)
-            x = x.mean(axis=1)
-            if rate != sr:
-                x = soxr.resample(x, rate, sr).astype(np.float32)
-            out.append(np.ascontiguousarray(x))
-        return out
-    except Exception:  # noqa: BLE001 - optional data
-        return []
+    Raises FileNotFoundError (naming the missing file and ``make data``) when the corpus is absent; any other
+    problem (unreadable audio, malformed utt2dur) propagates: missing or broken test data must fail, not skip."""
+    import soundfile as sf
+    import soxr
+
+    d = Path(os.environ.get("SPK_TOOLKIT_DATA", ROOT / "data")) / "fillets"
+    for f in ("utt2dur", "wav.scp"):
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"{d / f} missing: run `make data` (bin/prepare_fillets.sh) first")
+    durs = {}
+    for line in (d / "utt2dur").read_text().splitlines():
+        k, v = line.split()
+        durs[k] = float(v)
+    paths = dict(line.split(maxsplit=1) for line in (d / "wav.scp").read_text().splitlines())
+    out = []
+    for t in targets:
+        utt = min((k for k in durs if k in paths and durs[k] > 0.3), key=lambda k: abs(durs[k] - t))
+        x, rate = sf.read(paths[utt].strip(), dtype="float32", always_2d=True)
+        x = x.mean(axis=1)
+        if rate != sr:
+            x = soxr.resample(x, rate, sr).astype(np.float32)
+        out.append(np.ascontiguousarray(x))
+    return out

@@ -218,9 +218,13 @@ def _random_sets(n_sets, ties):
         yield s, lab
 
 
+NO_ESPNET = ("OPTIONAL DEPENDENCY MISSING: espnet is not installed (not in install_requires; `make setup` installs "
+             "espnet==202611 --no-deps), so the cross-check against ESPnet's own metric code did NOT run")
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_eer_espnet_method_equals_tuneThresholdfromScore(ties):
-    eer_mod = pytest.importorskip("espnet2.utils.eer")
+    eer_mod = pytest.importorskip("espnet2.utils.eer", reason=NO_ESPNET)
     for s, lab in _random_sets(100, ties):
         ref_pct = eer_mod.tuneThresholdfromScore(s.tolist(), lab.tolist(), [1, 0.1])[1]
         assert abs(100 * M.eer(s, lab, method="espnet") - ref_pct) < 1e-10  # % units: 100 x 1e-12
@@ -228,7 +232,7 @@ def test_eer_espnet_method_equals_tuneThresholdfromScore(ties):
 
 
 def test_min_dcf_equals_espnet_ComputeMinDcf():
-    eer_mod = pytest.importorskip("espnet2.utils.eer")
+    eer_mod = pytest.importorskip("espnet2.utils.eer", reason=NO_ESPNET)
     # continuous scores: ESPnet's ComputeErrorRates evaluates one point per trial, so with tied scores it
     # also evaluates splits inside a tie group that no threshold can reach (documented in docs/metrics.md)
     for s, lab in _random_sets(100, ties=False):
@@ -353,8 +357,8 @@ def test_compute_metrics_matches_individual_functions():
         assert abs((p * pm + (1 - p) * pf) / min(p, 1 - p) - m["min_dcf"][p]) < TOL
 
 
-def test_float32_scores_and_large_counts_are_exact():
-    # float32 input keeps its ties; counts are integer-exact
+def test_float32_scores_keep_their_ties():
+    # float32 input is not rounded differently from its float64 copy: same ties, same operating points
     rng = np.random.default_rng(5)
     s = rng.standard_normal(200_000).astype(np.float32)
     l = (rng.random(200_000) < 0.01).astype(int)
@@ -362,3 +366,64 @@ def test_float32_scores_and_large_counts_are_exact():
     m32 = M.eer(s, l)
     m64 = M.eer(s.astype(np.float64), l)
     assert m32 == m64
+
+
+def exact_from_groups(groups, p_targets):
+    """Exact (Fraction) P_miss/P_fa points, EER (interp definition) and minDCF from tie groups
+    ``[(score, n_target, n_nontarget)]``: integer counts, no floating point."""
+    from fractions import Fraction
+
+    gs = sorted(groups, key=lambda g: -g[0])
+    n_tar, n_non = sum(g[1] for g in gs), sum(g[2] for g in gs)
+    pts, tp, fp = [(Fraction(1), Fraction(0))], 0, 0  # +inf: accept nothing
+    for _, t, f in gs:
+        tp, fp = tp + t, fp + f
+        pts.append((Fraction(n_tar - tp, n_tar), Fraction(fp, n_non)))
+    k = next(i for i, (pm, pf) in enumerate(pts) if pm - pf <= 0)
+    (pm0, pf0), (pm1, pf1) = pts[k - 1], pts[k]
+    if pm1 == pf1:
+        e = pm1
+    else:
+        a = (pm0 - pf0) / ((pm0 - pf0) - (pm1 - pf1))
+        e = pf0 + a * (pf1 - pf0)
+    dcf = [min(p * pm + (1 - p) * pf for pm, pf in pts) / min(p, 1 - p) for p in map(Fraction, p_targets)]
+    return pts, e, dcf
+
+
+def test_counts_beyond_2_24_are_exact():
+    """2**24 + 6007 trials: past 2**24 float32 cannot count (2**24 + 1 rounds to 2**24, so adding the 3000
+    single targets below the big tied group leaves a float32 count stuck at 2**24); float64 stays exact."""
+    import tracemalloc
+
+    k1, k2 = 2000, 1000
+    groups = [(1.0, 2**24, 0)]  # one tied group of 2**24 targets
+    groups += [(0.75 - i / 2**14, 1, 0) for i in range(k1)]  # then 1 target per distinct score
+    groups += [(0.25 - i / 2**14, 1, 2) for i in range(k2)]  # then 1 target + 2 nontargets per score
+    groups += [(-0.5, 7, 1000)]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(groups))  # unsorted input (group by group: cheap)
+    sc = np.array([groups[i][0] for i in order], np.float32)  # all exactly representable
+    nt = np.array([groups[i][1] for i in order])
+    nn = np.array([groups[i][2] for i in order])
+    tracemalloc.start()
+    s = np.concatenate([np.repeat(sc, nn), np.repeat(sc, nt)])  # float32: 64 MiB
+    l = np.concatenate([np.zeros(nn.sum(), np.int8), np.ones(nt.sum(), np.int8)])
+    assert s.size == 2**24 + 6007 and int(l.sum()) == 2**24 + 3007
+    p_targets = [0.01, 0.05, 0.5]
+    pts, e_ref, dcf_ref = exact_from_groups(groups, p_targets)
+    e = M.eer(s, l)
+    dcf = M.min_dcf(s, l, p_targets)
+    p_miss, p_fa, thr = M.det_curve(s, l)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1e9, f"peak {peak / 2**20:.0f} MiB"
+    # every operating point is the exact fraction, correctly rounded (integer counts, one division)
+    assert p_miss.tolist() == [float(pm) for pm, _ in pts] and p_fa.tolist() == [float(pf) for _, pf in pts]
+    assert thr.size == len(groups) + 1
+    # EER ~ 6.0006e-05 and minDCF ~ 6.0011e-05 (a float32 count gives ~1.79e-04 for both)
+    assert math.isclose(e, float(e_ref), rel_tol=1e-12, abs_tol=0), (e, float(e_ref))
+    for got, want in zip(dcf, dcf_ref):
+        assert math.isclose(got, float(want), rel_tol=1e-12, abs_tol=0), (got, float(want))
+    m = M.compute_metrics(s, l, p_targets)
+    assert m["eer"] == e and [m["min_dcf"][p] for p in p_targets] == dcf.tolist()
+    assert m["n_target"] == 2**24 + 3007 and m["n_nontarget"] == 3000

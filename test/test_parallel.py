@@ -68,18 +68,18 @@ def test_torchrun_two_ranks_gloo(subset, reference, tmp_path):
     assert s["executor"] == "torchrun" and s["world_size"] == 2 and s["backend"] == "gloo"
     assert s["embedded"] == 12 and s["shards_resumed"] == 0 and s["shards"] == ref_summary["shards"]
     plan = json.loads((out / "plan.json").read_text())
-    ranks = [json.loads((out / "ranks" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]
+    ranks = [s["workers"][w] for w in sorted(s["workers"])]
+    assert [w.split()[:2] for w in sorted(s["workers"])] == [["rank", "0"], ["rank", "1"]]
     shards = [set(r["shards"]) for r in ranks]
     assert shards[0] and shards[1] and not shards[0] & shards[1]
     assert shards[0] | shards[1] == set(range(len(plan["shards"])))
     for r in ranks:  # each rank decoded exactly the utterances of its own shards, nothing else
         assert r["decoded"] == sum(len(plan["shards"][k]) for k in r["shards"]) == r["utterances"]
-        assert r["shards_run"] == len(r["shards"])
     # a rerun resumes everything: no shard is recomputed, same output
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["shards_resumed"] == s["shards"] and all(r["shards_run"] == 0 for r in s["ranks"])
+    assert s["shards_resumed"] == s["shards"] and s["shards_run"] == 0 and s["workers"] == {}
     again = load_npz(out / "embeddings.npz")
     assert all(np.array_equal(again[k], got[k]) for k in got)
 
@@ -188,14 +188,74 @@ def test_torchrun_rank_failure_reaches_every_rank(tmp_path):
     assert not (tmp_path / "o" / "embeddings.npz").exists()
 
 
-def test_rank_device_and_install_hints():
-    from spk_toolkit.parallel.dask import make_cluster
+def test_rank_device_and_install_hints(tmp_path, monkeypatch):
+    """Both branches, whether or not the optional packages are installed: missing -> ImportError naming the pip
+    command (always checked, by hiding the module); installed -> make_cluster builds the right class from the
+    conf/parallel_*.yaml options (jobqueue: job_script() checked, nothing submitted; dask_cuda: no GPU needed)."""
+    import sys
+
+    from spk_toolkit.parallel.dask import load_parallel_config, make_cluster
     from spk_toolkit.parallel.dist import rank_device
 
     assert [rank_device("cuda", 3), rank_device("cuda:0", 1), rank_device("cpu", 1)] == ["cuda:3", "cuda:1", "cpu"]
-    for env, pkg in (("slurm", "dask-jobqueue"), ("local_gpu", "dask-cuda")):
-        try:
-            __import__("dask_jobqueue" if env == "slurm" else "dask_cuda")
-        except ImportError:
-            with pytest.raises(ImportError, match=f"pip install {pkg}"):
-                make_cluster({"env": env, "n_workers": 1, "options": {}})
+    mods = {"slurm": "dask_jobqueue", "pbs": "dask_jobqueue", "sge": "dask_jobqueue", "local_gpu": "dask_cuda"}
+    pkgs = {"dask_jobqueue": "dask-jobqueue", "dask_cuda": "dask-cuda"}
+
+    def cfg(env):
+        return load_parallel_config(ROOT / f"conf/parallel_{env}.yaml")
+
+    def hint_raised(env):
+        mod = mods[env]
+        with pytest.raises(ImportError, match=rf"needs {mod}: pip install {pkgs[mod]}(\s|$)"):
+            make_cluster(cfg(env))
+
+    for env, mod in mods.items():  # the not-installed message, checked even when the package is installed
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, mod, None)  # makes `import mod` raise ImportError
+            hint_raised(env)
+    try:
+        import dask_jobqueue as jq
+    except ImportError:
+        jq = None
+    if jq is None:
+        for env in ("slurm", "pbs", "sge"):
+            hint_raised(env)
+    else:
+        from dask_jobqueue.core import JobQueueCluster
+
+        scaled = []
+        # on the base class of every jobqueue cluster: no job is ever submitted, whichever class is built
+        monkeypatch.setattr(JobQueueCluster, "scale", lambda self, n=None, **kw: scaled.append((type(self), n)))
+        for env, cls_name in (("slurm", "SLURMCluster"), ("pbs", "PBSCluster"), ("sge", "SGECluster")):
+            c = cfg(env)
+            o = c["options"]
+            o.update(log_directory=str(tmp_path / env), scheduler_options={"dashboard_address": ":0"})
+            cls = getattr(jq, cls_name)
+            scaled.clear()
+            cluster = make_cluster(c)
+            try:
+                assert type(cluster) is cls and scaled == [(cls, c["n_workers"])] and c["n_workers"] == 8
+                script = cluster.job_script()
+            finally:
+                cluster.close()
+            want = {
+                "slurm": lambda: [f"#SBATCH -p {o['queue']}", f"#SBATCH --cpus-per-task={o['cores']}",
+                                  f"#SBATCH -t {o['walltime']}", *(f"#SBATCH {x}" for x in o["job_extra_directives"])],
+                "pbs": lambda: [f"#PBS -q {o['queue']}", f"#PBS -l {o['resource_spec']}",
+                                f"#PBS -l walltime={o['walltime']}"],
+                "sge": lambda: [f"#$ -q {o['queue']}", f"#$ -l {o['resource_spec']}", f"#$ -l h_rt={o['walltime']}"],
+            }[env]() + [str(tmp_path / env), f"--nthreads {o['cores']}"]
+            lines = script.splitlines()
+            missing = [w for w in want if not any(w == l or (w in l and not w.startswith("#")) for l in lines)]
+            assert not missing, f"{env}: {missing} not in job script:\n{script}"
+    try:
+        import dask_cuda
+    except ImportError:
+        hint_raised("local_gpu")
+    else:
+        made = []
+        monkeypatch.setattr(dask_cuda, "LocalCUDACluster", lambda **kw: made.append(kw) or "cluster")
+        c = cfg("local_gpu")
+        c["options"] = {"CUDA_VISIBLE_DEVICES": "0,1"}
+        assert make_cluster(c) == "cluster"
+        assert made == [{"n_workers": 4, "threads_per_worker": 1, "CUDA_VISIBLE_DEVICES": "0,1"}]

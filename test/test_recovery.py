@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spk_toolkit.engine import ExtractionError, ExtractOptions, prepare_run, shard_path
+from spk_toolkit.engine import ExtractionError, ExtractOptions, prepare_run, read_shard, remove_run, shard_path
+from spk_toolkit.io.atomic import is_temporary
 from spk_toolkit.io.datadir import load_kaldi_dir
 from spk_toolkit.testing import load_npz, make_subset
 
@@ -73,10 +74,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(subset, tmp_path
         kills.append((how, n_shard_files(out)))
         # whatever is under a final shard name is complete (written under a temporary name, then renamed)
         plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").is_file() else None
+        utts = load_kaldi_dir(subset)
         for p in (out / "shards").glob("shard-*.npz") if (out / "shards").is_dir() else []:
-            with np.load(p, allow_pickle=False) as z:
-                k = int(p.stem.split("-")[1])
-                assert int(z["count"]) == len(plan["shards"][k]) == len(z["keys"]) + len(z["err_keys"])
+            k = int(p.stem.split("-")[1])  # verifies keys against the plan and the checksum of the data
+            sd = read_shard(p, k, [utts[i].utt_id for i in plan["shards"][k]])
+            assert len(sd.keys) + len(sd.errors) == len(plan["shards"][k])
         assert not (out / "summary.json").exists()
     done_before = n_shard_files(out)
     assert done_before < n_shards, f"kills {kills} (seed {seed})"
@@ -94,9 +96,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(subset, tmp_path
     g, w = load_npz(out / "spk_embeddings.npz"), load_npz(ref / "spk_embeddings.npz")
     assert list(g) == list(w) and all(g[k].tobytes() == w[k].tobytes() for k in w)
     assert (out / "errors.tsv").read_text() == (ref / "errors.tsv").read_text()
-    keys = [k for z in sorted((out / "shards").glob("shard-*.npz")) for k in load_npz(z)["keys"].tolist()]
+    keys = [k for z in sorted((out / "shards").glob("shard-*.npz")) for k in read_shard(z, int(z.stem[6:])).keys]
     assert sorted(keys) == sorted(want) and len(keys) == len(set(keys))
-    assert not list((out / "shards").glob(".shard-*"))  # partial shards of the killed runs were cleaned up
+    assert not [p for p in (out / "shards").iterdir() if is_temporary(p.name)]  # partial shards were cleaned up
 
 
 def test_plan_reused_changed_input_refused_overwrite_starts_fresh(subset, tmp_path):
@@ -122,6 +124,7 @@ def test_plan_reused_changed_input_refused_overwrite_starts_fresh(subset, tmp_pa
     # --overwrite: old shards are discarded, a new plan is written
     shard_path(tmp_path, 0).parent.mkdir(exist_ok=True)
     shard_path(tmp_path, 0).write_bytes(b"stale")
-    p2 = prepare_run(changed, tmp_path, info, ExtractOptions(shard_duration=SHARD_S, overwrite=True, progress=False))
+    assert "shards/" in remove_run(tmp_path) and not (tmp_path / "plan.json").exists()  # what --overwrite does first
+    p2 = prepare_run(changed, tmp_path, info, ExtractOptions(shard_duration=SHARD_S, progress=False))
     assert len(p2.utts) == len(lines) - 1 and not shard_path(tmp_path, 0).exists()
     assert json.loads((tmp_path / "plan.json").read_text())["fingerprint"] == p2.fingerprint

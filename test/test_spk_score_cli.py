@@ -92,19 +92,24 @@ def test_det_plot_is_a_real_png(problem):
 
 @pytest.mark.parametrize("emb_file", ["emb.npz", "espnet_emb.npz", "xvector.scp", "xvector.ark"])
 def test_embedding_formats_and_trial_formats_give_identical_scores(problem, emb_file):
-    d, *_ = problem
+    """Self-contained: `problem` writes the embeddings in every format compared here (npz, ESPnet crop npz,
+    Kaldi scp/ark) and the trials in two formats; each run is checked against the cosine of the embeddings."""
+    d, emb, _, pairs, lab = problem
+    ref = np.array([_cos(emb[a], emb[b]) for a, b in pairs])
+    words = ["target" if l else "nontarget" for l in lab]
     res = {}
-    for tr, fmt in (("veri.txt", "auto"), ("kaldi_trials", "kaldi")):
+    for tr, fmt, sfx in (("veri.txt", "auto", ".wav"), ("kaldi_trials", "kaldi", "")):
         out = d / f"o_{emb_file}_{fmt}"
         assert main(["--embeddings", str(d / emb_file), "--trials", str(d / tr), "--trials_format", fmt,
                      "--output_dir", str(out), "--no_plots"]) == 0
         name = os.path.splitext(tr)[0]
-        res[fmt] = [l.split()[2] for l in (out / f"{name}.score").read_text().splitlines()]
-    assert res["auto"] == res["kaldi"]
-    base = [l.split()[2] for l in (d / "out" / "veri.score").read_text().splitlines()] if (d / "out").exists() else None
-    if base is not None:
-        # crop means / ark float32 round trip give the same embeddings up to float32 rounding
-        assert np.max(np.abs(np.array(res["auto"], float) - np.array(base, float))) <= 2e-6
+        rows = [l.split() for l in (out / f"{name}.score").read_text().splitlines()]
+        assert [(r[0], r[1]) for r in rows] == [(a + sfx, b + sfx) for a, b in pairs]  # keys as in the list
+        assert [r[3] for r in rows] == words
+        res[fmt] = [r[2] for r in rows]
+    assert res["auto"] == res["kaldi"]  # same score strings, whatever the trial format
+    # crop means / ark float32 round trip give the same embeddings up to float32 rounding; 6 decimals in the file
+    assert np.max(np.abs(np.array(res["auto"], float) - ref)) <= 2e-6
 
 
 def test_asnorm_via_config(problem, capsys):

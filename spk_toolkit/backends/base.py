@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Callable, Dict, Type
+import dataclasses
+from typing import Dict, Tuple, Type, Union
 
 import torch
 
@@ -37,6 +38,43 @@ def full_fp32():
             yield
     finally:
         matmul.allow_tf32 = prev
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """What a model gives per utterance for one named output (the engine stores exactly this).
+
+    Attributes
+    ----------
+    kind : {"vector", "sequence"}
+        ``vector``: a fixed ``(*shape)`` array per utterance, e.g. an embedding ``(D,)``; the model returns
+        ``(B, *shape)``. ``sequence``: a variable-length ``(T', *shape)`` array per utterance (frames, tokens);
+        the model returns ``((B, T'_max, *shape), frame_lengths (B,))`` and the engine cuts each row to its length.
+    dtype : str
+        numpy dtype name the output is stored in (``float16``, ``float32``, ``int16``, ``int32``, ...).
+    shape : tuple of int
+        Trailing shape: ``(D,)`` for an embedding, ``()`` for a token sequence ``(T',)``, ``(F,)`` for ``(T', F)``.
+    """
+
+    kind: str
+    dtype: str
+    shape: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        import numpy as np
+
+        if self.kind not in ("vector", "sequence"):
+            raise ValueError(f"output kind must be 'vector' or 'sequence', got {self.kind!r}")
+        object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    def as_dict(self) -> dict:
+        """JSON form recorded in shards and ``summary.json``."""
+        return {"kind": self.kind, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+#: What :meth:`EmbeddingModel.compute` returns per output name: ``(B, *shape)`` or ``((B, T', *shape), (B,))``.
+OutputValue = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
 class EmbeddingModel(abc.ABC):
@@ -71,6 +109,26 @@ class EmbeddingModel(abc.ABC):
         torch.Tensor of shape (B, D), float32, on the CPU
             One embedding per utterance, independent of the batch it came in.
         """
+
+    def output_kinds(self) -> Dict[str, OutputKind]:
+        """The named outputs this model produces (default: one float32 ``embedding`` of shape ``(D,)``)."""
+        return {"embedding": OutputKind("vector", "float32", (self.embed_dim,))}
+
+    def compute(self, wav: torch.Tensor, lengths: torch.Tensor) -> Dict[str, OutputValue]:
+        """Every output of :meth:`output_kinds` for a padded batch (what the engine calls).
+
+        Parameters
+        ----------
+        wav : torch.Tensor of shape (B, T), float32
+        lengths : torch.Tensor of shape (B,), int64
+
+        Returns
+        -------
+        dict
+            ``name -> (B, *shape)`` for vector outputs, ``name -> ((B, T'_max, *shape), frame_lengths (B,))``
+            for sequence outputs (default: ``{"embedding": self.embed(wav, lengths)}``).
+        """
+        return {"embedding": self.embed(wav, lengths)}
 
     def prepare(self, wav: "np.ndarray") -> "np.ndarray":
         """Per-utterance CPU preparation run in DataLoader workers before batching (default: identity).

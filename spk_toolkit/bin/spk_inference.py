@@ -26,6 +26,7 @@ def get_parser() -> argparse.ArgumentParser:
     """The argparse parser; option defaults come from :class:`spk_toolkit.engine.ExtractOptions`."""
     from spk_toolkit.engine import ExtractOptions
     from spk_toolkit.io.writers import WRITERS
+    from spk_toolkit.parallel import executor_names
 
     d = ExtractOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,15 +48,42 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch_threads", type=int, default=0, help="model intra-op threads (0 = torch default)")
     p.add_argument("--model_streams", type=int, default=d.model_streams,
                    help="concurrent model forwards, each with torch_threads/model_streams threads (CPU: try 2)")
-    p.add_argument("--overwrite", type=str2bool, default=False, help="discard a previous run in output_dir")
+    p.add_argument("--crops", type=int, default=d.crops,
+                   help="0 = whole utterances; N = ESPnet's N deterministic evaluation crops, averaged")
+    p.add_argument("--crop_duration", type=float, default=d.crop_duration, help="seconds per crop")
+    p.add_argument("--average_crops", type=str2bool, default=d.average_crops,
+                   help="with --crops: store the crop mean (D,) or every crop (N, D)")
+    p.add_argument("--overwrite", type=str2bool, default=False,
+                   help="remove every output of a previous run in output_dir first")
+    p.add_argument("--lock_timeout", type=float, default=d.lock_timeout,
+                   help="seconds to wait for another run holding output_dir (0 = refuse, -1 = wait)")
+    p.add_argument("--executor", default=None, choices=executor_names(),
+                   help="inprocess (default), torchrun (chosen automatically under torchrun), dask (--parallel)")
     p.add_argument("--parallel", default=None,
-                   help="Dask parallel config YAML (env: local|local_gpu|slurm|pbs|sge, n_workers, options); "
-                        "omit for in-process, or launch with torchrun for one rank per device")
+                   help="Dask parallel config YAML (env: local|local_gpu|slurm|pbs|sge, n_workers, options)")
     p.add_argument("--trials", nargs="+", default=None, help="trial list(s) to score (any supported format)")
     p.add_argument("--trials_format", default="auto")
     p.add_argument("--progress", type=str2bool, default=True)
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
+
+
+def choose_executor(executor, parallel, prog: str) -> str:
+    """The executor of a CLI run: as given, ``dask`` with ``--parallel``, ``torchrun`` when launched by torchrun.
+
+    A torchrun launch (``RANK``/``WORLD_SIZE`` set) is detected here, explicitly, and logged; a malformed
+    ``WORLD_SIZE`` is an error (raised as ValueError naming the variable), never a silent single process.
+    """
+    import logging
+
+    from spk_toolkit.parallel import torchrun_launch
+
+    launch = torchrun_launch()
+    if executor is None and parallel is None and launch is not None and launch["world_size"] > 1:
+        logging.getLogger(prog).info("torchrun launch detected (rank %d of %d, local rank %d): executor torchrun",
+                                     launch["rank"], launch["world_size"], launch["local_rank"])
+        return "torchrun"
+    return executor or ("dask" if parallel else "inprocess")
 
 
 def main(argv=None) -> int:
@@ -68,15 +96,18 @@ def main(argv=None) -> int:
     if args.toolkit == "espnet":
         model_kwargs.update(train_config=args.train_config, model_file=args.model_file, model_tag=args.model_tag)
     try:
+        executor = choose_executor(args.executor, args.parallel, "spk_inference")
         summary = spk_toolkit.extract_embeddings(
             args.data_dir, args.output_dir, toolkit=args.toolkit, model_kwargs=model_kwargs,
+            executor=executor, parallel=args.parallel,
             batch_bins=args.batch_bins, num_workers=args.num_workers, output_format=args.output_format,
             on_error=args.on_error, max_errors=args.max_errors, min_duration=args.min_duration,
             allow_pipes=args.allow_pipes, shard_duration=args.shard_duration, overwrite=args.overwrite,
-            progress=args.progress, parallel=args.parallel, torch_threads=args.torch_threads,
-            model_streams=args.model_streams,
+            progress=args.progress, torch_threads=args.torch_threads, model_streams=args.model_streams,
+            crops=args.crops, crop_duration=args.crop_duration, average_crops=args.average_crops,
+            lock_timeout=args.lock_timeout,
         )
-    except (spk_toolkit.ExtractionError, spk_toolkit.CorpusError) as e:
+    except (spk_toolkit.ExtractionError, spk_toolkit.CorpusError, ValueError) as e:
         print(f"spk_inference: error: {e}", file=sys.stderr)
         return 1
     if summary is None:  # a non-zero torchrun rank: rank 0 reports
@@ -88,7 +119,8 @@ def main(argv=None) -> int:
         # The same library call as `spk_score` (score files, metrics.json, DET plot under output_dir/scores).
         from spk_toolkit.scoring import format_table, score
 
-        emb_path = summary["outputs"].get("npz") or summary["outputs"].get("kaldi_ark")
+        # the run directory: its summary.json names the main output, read by the storage registry (any format)
+        emb_path = args.output_dir
         try:
             result = score(emb_path, args.trials, f"{args.output_dir}/scores", trials_format=args.trials_format)
         except (ValueError, FileNotFoundError) as e:  # e.g. trials naming utterances that have no embedding

@@ -50,6 +50,11 @@ class Utterance:
         Length in seconds (None until measured; unknown for unreadable files).
     dataset : str or None
         Dataset name (audio tree input).
+    audio : np.ndarray of shape (T,), float32, or None
+        The waveform itself, for utterances that exist only in memory (e.g. decoded by a training iterator);
+        ``path`` is then a description only and ``sample_rate`` is required.
+    sample_rate : int or None
+        Rate of ``audio`` in Hz.
     """
 
     utt_id: str
@@ -59,6 +64,8 @@ class Utterance:
     spk_id: Optional[str] = None
     duration: Optional[float] = None
     dataset: Optional[str] = None
+    audio: Optional[object] = dataclasses.field(default=None, repr=False, compare=False)
+    sample_rate: Optional[int] = None
 
 
 def read_kv(path: Path, min_fields: int = 2, rest: bool = True) -> List[tuple]:
@@ -257,6 +264,9 @@ def measure_durations(
     dict
         ``utt_id -> reason`` for utterances whose header could not be read.
     """
+    for u in utts:
+        if u.audio is not None and u.duration is None:
+            u.duration = len(u.audio) / float(u.sample_rate)
     todo = [u for u in utts if u.duration is None]
     failures: Dict[str, str] = {}
     nsamp: Dict[str, int] = {}

@@ -11,17 +11,18 @@ The model is built once per worker by a :class:`ModelPlugin` (``WorkerPlugin.set
 worker for the model description (needed for the plan fingerprint), plans, scatters the plan to every worker
 once, and submits one task per unfinished shard. Dask's scheduler gives the next shard to the first idle
 worker (dynamic assignment, so heterogeneous workers finish together); a worker that dies has its task rerun
-elsewhere, and finished shards are on disk. The driver merges in input order with
-:func:`spk_toolkit.engine.merge`, exactly as the other executors.
+elsewhere, and finished shards are on disk. The driver (:func:`spk_toolkit.engine.extract`) accounts and merges,
+exactly as for the other executors.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Optional, Union
+
+from spk_toolkit.parallel import Executor, register_executor
 
 logger = logging.getLogger(__name__)
 
@@ -164,116 +165,111 @@ def _worker_info() -> dict:
     return {"pid": os.getpid(), "model_loads": _STATE["loads"], "shards": list(_STATE["shards"])}
 
 
-def _run_shard_task(plan, k: int, output_dir: str, opts, toolkit: str, model_kwargs: dict) -> dict:
-    """One Dask task: embed shard ``k`` with this worker's model (written atomically by the engine)."""
+def _run_shard_task(plan, k: int, output_dir: str, opts, toolkit: str, model_kwargs: dict) -> list:
+    """One Dask task: compute shard ``k`` with this worker's model; returns its report(s)."""
     import multiprocessing
 
-    from spk_toolkit.engine import run_shards
+    from spk_toolkit.engine.run import run_shards
+
+    from spk_toolkit.engine.options import ExtractionError
 
     model = _load_worker_model(toolkit, model_kwargs)  # built by the plugin; a no-op here
     # Dask worker processes are daemonic by default and cannot start DataLoader workers: decode in-process then.
     nw = 0 if multiprocessing.current_process().daemon else opts.num_workers
-    t = time.perf_counter()
-    stats = run_shards(plan, [k], model, output_dir, dataclasses.replace(opts, progress=False, num_workers=nw))
+    try:
+        reports = list(run_shards(plan, [k], model, output_dir,
+                                  dataclasses.replace(opts, progress=False, num_workers=nw), worker=_worker_name()))
+    except ExtractionError as e:  # an expected stop (error policy): the driver raises it, without a traceback
+        return {"error": str(e)}
     _STATE["shards"].append(k)
-    stats.update(shard=k, pid=os.getpid(), wall=time.perf_counter() - t,
-                 seconds=plan.shard_duration(k))
-    return stats
+    return reports
 
 
-def extract_dask(data, output_dir, parallel, toolkit: str = "resemblyzer", model_kwargs=None, client=None,
-                 **options) -> dict:
-    """Extract with shards as Dask tasks; same plan, shard files and merge as the other executors.
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
+
+
+@register_executor
+class DaskExecutor(Executor):
+    """Shards as Dask tasks on a LocalCluster, a dask_cuda LocalCUDACluster or a dask-jobqueue cluster.
+
+    The driver process does not load the model: a worker describes it (for the plan fingerprint); the plan is
+    scattered to every worker once and one task is submitted per unfinished shard. Dask's scheduler gives the next
+    shard to the first idle worker (dynamic assignment, so heterogeneous workers finish together); a worker that
+    dies has its task rerun elsewhere, and finished shards are on disk.
 
     Parameters
     ----------
-    data : path or sequence of Utterance
-    output_dir : path
-        Must be reachable by every worker (shared file system for slurm/pbs/sge).
-    parallel : path or dict
-        Parallel config (:func:`load_parallel_config`).
-    toolkit, model_kwargs
-        Backend name and constructor arguments (the model is built on the workers, never on the driver).
+    config : dict
+        :func:`load_parallel_config` output (``env``, ``n_workers``, ``options``).
     client : distributed.Client, optional
-        Use this client instead of building a cluster from ``parallel`` (``parallel`` is then only recorded).
-    **options
-        :class:`spk_toolkit.engine.ExtractOptions` fields.
-
-    Returns
-    -------
-    dict
-        The summary (``executor="dask"``, ``env``, ``n_workers``, ``shards_resumed``, ``workers``: per-worker
-        ``model_loads`` and shards).
-
-    Raises
-    ------
-    spk_toolkit.engine.ExtractionError
-        A task failed (``on_error=raise``, ``max_errors``); finished shards stay on disk for a rerun.
-    ImportError
-        dask / dask_cuda / dask_jobqueue missing (with the pip command).
+        Set :attr:`client` before ``start()`` to use an existing client (its cluster is not closed).
     """
-    from spk_toolkit.engine import ExtractionError, ExtractOptions, finished_shards, merge, prepare_run
 
-    t0 = time.perf_counter()
-    cfg = load_parallel_config(parallel)
-    opts = ExtractOptions(**options)
-    model_kwargs = dict(model_kwargs or {})
-    distributed = _import("distributed")
-    cluster = None
-    own_client = client is None
-    if own_client:
-        cluster = make_cluster(cfg)
-        client = distributed.Client(cluster)
-    out = Path(output_dir)
-    try:
-        client.register_plugin(ModelPlugin(toolkit, model_kwargs), name=ModelPlugin.name)
-        client.run(_reset_worker_shards)  # per-run shard lists (a reused client keeps its workers)
-        model_info = client.submit(_worker_describe, toolkit, model_kwargs, pure=False).result()
-        plan = prepare_run(data, out, model_info, opts, write_plan=True)
-        done = finished_shards(out, len(plan.shards))
-        todo = [k for k in range(len(plan.shards)) if k not in done]
+    name = "dask"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config = load_parallel_config(self.config or {})
+        self.client = None
+        self._own = True
+        self._cluster = None
+
+    def start(self) -> None:
+        distributed = _import("distributed")
+        if logging.getLogger().getEffectiveLevel() > logging.INFO:  # Dask's INFO chatter only with -v
+            logging.getLogger("distributed").setLevel(logging.WARNING)
+        if self.client is None:
+            self._cluster = make_cluster(self.config)
+            self.client = distributed.Client(self._cluster)
+        else:
+            self._own = False
+        self.client.register_plugin(ModelPlugin(self.toolkit, self.model_kwargs), name=ModelPlugin.name)
+        self.client.run(_reset_worker_shards)  # per-run shard lists (a reused client keeps its workers)
+        self._info = self.client.submit(_worker_describe, self.toolkit, self.model_kwargs, pure=False).result()
+
+    def close(self, exc: Optional[BaseException] = None) -> None:
+        if self._own and self.client is not None:
+            self.client.close()
+            if self._cluster is not None:
+                self._cluster.close()
+
+    def model_info(self) -> dict:
+        return self._info
+
+    def run(self, plan, shard_ids, output_dir, opts, on_progress=None):
+        from spk_toolkit.engine.options import ExtractionError
+
+        distributed = _import("distributed")
+        if not shard_ids:
+            return
         task_opts = dataclasses.replace(opts, overwrite=False, progress=False)
-        pbar = None
-        if opts.progress:
-            from tqdm import tqdm
+        plan_f = self.client.scatter(plan, broadcast=True)
+        futs = [self.client.submit(_run_shard_task, plan_f, k, str(output_dir), task_opts, self.toolkit,
+                                   self.model_kwargs, key=f"spk-shard-{k:05d}-{plan.fingerprint[:10]}",
+                                   pure=False, priority=-k)
+                for k in shard_ids]
+        try:
+            for fut in distributed.as_completed(futs):
+                try:
+                    reports = fut.result()
+                except Exception as e:  # a worker-side bug or a killed worker beyond allowed-failures
+                    raise ExtractionError(f"Dask task {fut.key} failed: {type(e).__name__}: {e}") from e
+                if isinstance(reports, dict):  # the worker stopped as the error policy says
+                    raise ExtractionError(reports["error"])
+                for rep in reports:
+                    if on_progress is not None:
+                        on_progress(plan.shard_duration(rep.shard))
+                    yield rep
+        finally:
+            self.client.cancel(futs)
 
-            pbar = tqdm(total=round(sum(plan.shard_duration(k) for k in todo)), unit="s", unit_scale=True,
-                        desc=f"embedding audio ({cfg['env']} x{cfg['n_workers']})", dynamic_ncols=True)
-        results, n_err = [], 0
-        if todo:
-            plan_f = client.scatter(plan, broadcast=True)
-            futs = [client.submit(_run_shard_task, plan_f, k, str(out), task_opts, toolkit, model_kwargs,
-                                  key=f"spk-shard-{k:05d}-{plan.fingerprint[:10]}", pure=False, priority=-k)
-                    for k in todo]
-            try:
-                for fut in distributed.as_completed(futs):
-                    try:
-                        r = fut.result()
-                    except ExtractionError:
-                        raise
-                    except Exception as e:  # a worker-side bug or a killed worker beyond allowed-failures
-                        raise ExtractionError(f"Dask task {fut.key} failed: {type(e).__name__}: {e}") from e
-                    results.append(r)
-                    n_err += r["errors"]
-                    if 0 <= opts.max_errors < n_err:
-                        raise ExtractionError(f"{n_err} utterances failed, more than --max_errors "
-                                              f"{opts.max_errors}; see the workers' logs")
-                    if pbar is not None:
-                        pbar.update(round(r["seconds"]))
-            except BaseException:
-                client.cancel(futs)
-                raise
-        if pbar is not None:
-            pbar.close()
-        info = client.run(_worker_info)
-        waste = [r["padding_waste"] for r in results]
-        return merge(plan, out, opts, {
-            "wall_seconds": time.perf_counter() - t0, "shards_resumed": len(done),
-            "padding_waste": float(sum(waste) / len(waste)) if waste else 0.0,
-            "executor": "dask", "env": cfg["env"], "n_workers": len(info), "world_size": len(info),
-            "workers": {addr: v for addr, v in sorted(info.items())},
-        })
-    finally:
-        if own_client:
-            client.close()
-            cluster.close()
+    def info(self) -> dict:
+        info = self.client.run(_worker_info)
+        return {"executor": "dask", "env": self.config["env"], "n_workers": len(info), "world_size": len(info),
+                "workers": {addr: v for addr, v in sorted(info.items())}}

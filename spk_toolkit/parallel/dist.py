@@ -1,53 +1,29 @@
-"""torchrun executor: one process per device, ranks share the output directory.
+"""torchrun executor: one process per device, rank 0 drives, every rank runs its own shards.
 
 Usage::
 
     torchrun --nproc_per_node=4 -m spk_toolkit.bin.spk_inference --device cuda --data_dir D --output_dir O
     torchrun --nnodes=2 --node_rank=$R --master_addr=$HOST --nproc_per_node=8 -m spk_toolkit.bin.spk_inference ...
 
-Protocol (every rank runs :func:`extract_distributed`):
-
-1. ``init_process_group``: NCCL when ``--device cuda`` (rank uses ``cuda:LOCAL_RANK``), gloo on CPU.
-2. Every rank loads its model once. Rank 0 reads the corpus, builds (or reloads and checks) the plan and writes
-   ``plan.json``; it lists the finished shards and assigns the unfinished ones with
-   :func:`spk_toolkit.parallel.assign_shards` (longest first to the least-loaded rank). The outcome (or rank 0's
-   error) is broadcast; the other ranks then load ``plan.json`` with rank 0's model description.
-3. Each rank runs :func:`spk_toolkit.engine.run_shards` on its own shards only (it decodes no other audio) and
-   writes ``ranks/rank-RRRRR.json`` (shards, utterances decoded, errors, wall time).
-4. ``all_gather_object`` of every rank's status is the barrier: if any rank failed, every rank raises
-   :class:`~spk_toolkit.engine.ExtractionError` naming it; otherwise rank 0 merges and writes ``summary.json``.
-
-Why static assignment: the plan already cuts shards of equal audio, so LPT gives each rank the same audio to
-within one shard (minutes); it needs no locking on the shared file system (``O_EXCL`` is unreliable on some
-NFS setups), it lets each rank feed all its shards through one DataLoader (decoding runs ahead across shard
-boundaries), and it is recomputed over the *unfinished* shards on every (re)start, so a resumed job is
-balanced too. Its limit is heterogeneous or straggling nodes; use the Dask executor (dynamic, one task per
-shard) there.
-
-Only rank 0 shows a progress bar and returns the summary; other ranks return None.
+The CLIs detect the launch (``RANK``/``WORLD_SIZE``, :func:`spk_toolkit.parallel.torchrun_launch`), log it and
+pass ``executor="torchrun"``; a library call must ask for it (``extract(..., executor="torchrun")``). The protocol
+is in :class:`TorchrunExecutor`. Only rank 0 shows a progress bar and returns the summary.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Optional
 
-from spk_toolkit.parallel import assign_shards
+from spk_toolkit.engine.options import ExtractionError
+from spk_toolkit.parallel import Executor, assign_shards, register_executor, torchrun_launch
 
 logger = logging.getLogger(__name__)
-
-
-def dist_env() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from the torchrun environment (``0, 1, 0`` outside torchrun)."""
-    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-            int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def rank_device(device: str, local_rank: int) -> str:
@@ -76,7 +52,7 @@ def init_distributed(device: str = "cpu", timeout_s: Optional[float] = None):
 
     if dist.is_initialized():
         return False
-    _, _, local_rank = dist_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "gloo"
     if str(device).startswith("cuda"):
         if not torch.cuda.is_available():
@@ -111,111 +87,158 @@ def process_group_teardown():
             dist.destroy_process_group()
 
 
-def extract_distributed(data, output_dir, toolkit: str = "resemblyzer", model=None, model_kwargs=None, **options):
-    """Run one rank of a torchrun extraction (every rank calls this with the same arguments).
+@register_executor
+class TorchrunExecutor(Executor):
+    """One process per device under torchrun; rank 0 is the driver, every rank (rank 0 too) runs shards.
 
-    Parameters
-    ----------
-    data : path or sequence of Utterance
-        Corpus (every rank must see the same corpus; the plan fingerprint checks it).
-    output_dir : path
-        Shared by all ranks (a shared file system on multi-node jobs).
-    toolkit, model, model_kwargs
-        As :func:`spk_toolkit.engine.extract`; ``model_kwargs["device"] = "cuda"`` becomes ``cuda:LOCAL_RANK``.
-    **options
-        :class:`spk_toolkit.engine.ExtractOptions` fields. ``progress`` applies to rank 0 only.
+    Protocol (collectives on the default process group: gloo on CPU, NCCL with ``device="cuda"``, one device per
+    local rank):
 
-    Returns
-    -------
-    dict or None
-        The summary on rank 0 (``executor="torchrun"``, ``world_size``, ``shards_resumed``, ``ranks``: per-rank
-        shards and decoded-utterance counts); None on the other ranks.
+    1. Every rank builds its model (``cuda`` -> ``cuda:LOCAL_RANK``).
+    2. Rank 0 (the driver) takes the output directory lock, plans, verifies finished shards, then broadcasts the
+       start message: the plan fingerprint and the assignment of the unfinished shards
+       (:func:`spk_toolkit.parallel.assign_shards`, longest first to the least-loaded rank) — or the driver's
+       error, which every rank raises.
+    3. Each rank reloads ``plan.json`` (fingerprint checked) and runs its own shards only (it decodes no other
+       audio); ``all_gather_object`` of the ranks' reports (or errors) is the barrier after which the driver
+       accounts every report.
+    4. The driver merges and broadcasts the outcome, so every rank exits with the same status.
 
-    Raises
-    ------
-    spk_toolkit.engine.ExtractionError
-        On every rank, when any rank failed (the message names the rank and its error).
-    spk_toolkit.io.datadir.CorpusError
-        Malformed corpus (raised on every rank, before any audio is decoded).
+    Why static assignment: the plan cuts shards of equal audio, so LPT gives each rank the same audio to within
+    one shard; it needs no locking on the shared file system, each rank feeds its shards through one DataLoader
+    (decoding runs ahead across shard boundaries), and it is recomputed over the *unfinished* shards on every
+    (re)start. Its limit is heterogeneous or straggling nodes; use the Dask executor (dynamic) there.
     """
-    import torch.distributed as dist
 
-    from spk_toolkit.backends.base import load_model
-    from spk_toolkit.engine import ExtractionError, ExtractOptions, finished_shards, merge, prepare_run, run_shards
-    from spk_toolkit.io.datadir import CorpusError
+    name = "torchrun"
 
-    t0 = time.perf_counter()
-    opts = ExtractOptions(**options)
-    rank, world, local_rank = dist_env()
-    model_kwargs = dict(model_kwargs or {})
-    device = rank_device(model_kwargs.get("device", "cpu"), local_rank)
-    created = init_distributed(device)
-    out = Path(output_dir)
-    try:
-        if model is None:
-            model = load_model(toolkit, **{**model_kwargs, "device": device})
-        # --- rank 0 plans, the others wait, then load plan.json -----------------------------------------------
-        head = [None]
-        if rank == 0:
-            try:
-                plan = prepare_run(data, out, model.describe(), opts, write_plan=True)
-                done = finished_shards(out, len(plan.shards))
-                todo = [k for k in range(len(plan.shards)) if k not in done]
-                durs = [plan.shard_duration(k) for k in range(len(plan.shards))]
-                head = [{"ok": True, "model_info": plan.model_info, "resumed": len(done),
-                         "assignment": assign_shards(durs, todo, world)}]
-            except (CorpusError, ExtractionError) as e:
-                head = [{"ok": False, "error": str(e), "type": type(e).__name__}]
-        dist.broadcast_object_list(head, src=0)
-        head = head[0]
-        if not head["ok"]:
-            raise (CorpusError if head["type"] == "CorpusError" else ExtractionError)(head["error"])
-        mine = head["assignment"][rank]
-        status = {"rank": rank, "host": socket.gethostname(), "device": device, "shards": mine, "ok": True}
-        t1 = time.perf_counter()
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        launch = torchrun_launch()
+        if launch is None:
+            raise ValueError("--executor torchrun needs a torchrun launch (RANK and WORLD_SIZE are not set): "
+                             "torchrun --nproc_per_node=N -m spk_toolkit.bin.spk_inference ...")
+        self.rank, self.world, self.local_rank = launch["rank"], launch["world_size"], launch["local_rank"]
+        self.is_driver = self.rank == 0
+        self.device = rank_device(self.model_kwargs.get("device", "cpu"), self.local_rank)
+        self._created = False
+        self._phase = "idle"  # idle -> started (start message sent/received) -> gathered -> done
+        self.host = socket.gethostname()
+        self.worker = f"rank {self.rank} ({self.host})"
+
+    # -- set-up / tear-down ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._created = init_distributed(self.device)
+        logger.info("torchrun executor: rank %d of %d (local rank %d) on %s, device %s, backend %s", self.rank,
+                    self.world, self.local_rank, self.host, self.device, _dist().get_backend())
+        if self.model is None:
+            from spk_toolkit.backends.base import load_model
+
+            self.model = load_model(self.toolkit, **{**self.model_kwargs, "device": self.device})
+
+    def close(self, exc: Optional[BaseException] = None) -> None:
+        dist = _dist()
         try:
-            if rank != 0:
-                if not (out / "plan.json").is_file():
-                    raise ExtractionError(f"{out / 'plan.json'} written by rank 0 is not visible here: --output_dir "
-                                          "must be on a file system shared by every node")
-                # overwrite was handled by rank 0; here the saved plan is reloaded (fingerprint checked)
-                plan = prepare_run(data, out, head["model_info"], dataclasses.replace(opts, overwrite=False),
-                                   write_plan=False)
-            # --- every rank embeds its own shards -----------------------------------------------------------
-            stats = run_shards(plan, mine, model, out,
-                               dataclasses.replace(opts, progress=opts.progress and rank == 0, overwrite=False))
-            status.update(stats)
-            status["utterances_in_shards"] = int(sum(len(plan.shards[k]) for k in mine))
-        except Exception as e:  # reported to every rank at the barrier below
-            logger.exception("rank %d failed", rank)
-            status.update(ok=False, error=f"{type(e).__name__}: {e}")
-        status["wall_seconds"] = time.perf_counter() - t1
-        rdir = out / "ranks"
-        rdir.mkdir(parents=True, exist_ok=True)
-        tmp = rdir / f".rank-{rank:05d}.json.tmp"
-        tmp.write_text(json.dumps(status, indent=1, default=str))
-        os.replace(tmp, rdir / f"rank-{rank:05d}.json")
-        # --- barrier + error propagation ----------------------------------------------------------------------
-        statuses = [None] * world
-        dist.all_gather_object(statuses, status)
+            if self.is_driver and dist.is_initialized():
+                err = None if exc is None else _message(exc)
+                if self._phase == "idle":  # failed before the start message: release the waiting ranks
+                    self._bcast({"ok": False, "error": err or "the driver stopped before starting", "type":
+                                 type(exc).__name__ if exc else "ExtractionError"})
+                elif self._phase == "started":  # failed while ranks run: join their barrier, then tell them
+                    self._gather({"ok": False, "error": err, "worker": self.worker, "reports": []})
+                if self._phase in ("started", "gathered"):
+                    self._bcast({"ok": exc is None, "error": err})
+                self._phase = "done"
+        finally:
+            if self._created and dist.is_initialized():
+                dist.destroy_process_group()
+
+    # -- collectives -------------------------------------------------------------------------------------------
+    def _bcast(self, obj=None):
+        box = [obj]
+        _dist().broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _gather(self, obj):
+        allv = [None] * self.world
+        _dist().all_gather_object(allv, obj)
+        self._phase = "gathered"
+        return allv
+
+    # -- driver ------------------------------------------------------------------------------------------------
+    def model_info(self) -> dict:
+        return self.model.describe()
+
+    def run(self, plan, shard_ids, output_dir, opts, on_progress=None):
+        durs = [plan.shard_duration(k) for k in range(len(plan.shards))]
+        assignment = assign_shards(durs, shard_ids, self.world)
+        self._bcast({"ok": True, "fingerprint": plan.fingerprint, "model_info": plan.model_info,
+                     "assignment": assignment})
+        self._phase = "started"
+        from spk_toolkit.engine.run import run_shards
+
+        status = {"ok": True, "worker": self.worker, "reports": []}
+        try:  # rank 0's reports reach the driver as they come (progress, error policy)
+            yield from run_shards(plan, assignment[0], self.model, output_dir, opts, on_progress=on_progress,
+                                  worker=self.worker)
+        except Exception as e:  # joined with the other ranks' outcome at the barrier
+            _log_failure(self.worker, e)
+            status.update(ok=False, error=_message(e))
+        statuses = self._gather(status)
         failed = [s for s in statuses if not s["ok"]]
         if failed:
-            raise ExtractionError("; ".join(f"rank {s['rank']} ({s['host']}): {s['error']}" for s in failed))
-        n_err = sum(s.get("errors", 0) for s in statuses)
-        if 0 <= opts.max_errors < n_err:
-            raise ExtractionError(f"{n_err} utterances failed over {world} ranks, more than --max_errors "
-                                  f"{opts.max_errors}; see the log")
-        if rank != 0:
-            return None
-        waste = [s.get("padding_waste", 0.0) for s in statuses if s.get("shards_run")]
-        return merge(plan, out, opts, {
-            "wall_seconds": time.perf_counter() - t0, "shards_resumed": head["resumed"],
-            "padding_waste": float(sum(waste) / len(waste)) if waste else 0.0,
-            "executor": "torchrun", "world_size": world, "backend": dist.get_backend(),
-            "ranks": [{k: s.get(k) for k in ("rank", "host", "device", "shards", "shards_run", "shards_skipped",
-                                              "utterances", "errors", "decoded", "wall_seconds")}
-                      for s in statuses],
-        })
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
+            raise ExtractionError("; ".join(f"{s['worker']}: {s['error']}" for s in failed))
+        for s in statuses[1:]:
+            yield from s["reports"]
+
+    # -- ranks > 0 ---------------------------------------------------------------------------------------------
+    def serve(self, data, output_dir, opts) -> None:
+        from spk_toolkit.engine.plan import prepare_run
+        from spk_toolkit.io.datadir import CorpusError
+
+        head = self._bcast()
+        if not head["ok"]:
+            self._phase = "done"
+            raise (CorpusError if head.get("type") == "CorpusError" else ExtractionError)(head["error"])
+        self._phase = "started"
+        status = {"ok": True, "worker": self.worker, "reports": []}
+        try:
+            if not (Path(output_dir) / "plan.json").is_file():
+                raise ExtractionError(f"{Path(output_dir) / 'plan.json'} written by rank 0 is not visible here: "
+                                      "--output_dir must be on a file system shared by every node")
+            plan = prepare_run(data, output_dir, head["model_info"], dataclasses.replace(opts, overwrite=False),
+                               write_plan=False)
+            if plan.fingerprint != head["fingerprint"]:
+                raise ExtractionError("this rank sees another corpus than rank 0 (plan fingerprints differ)")
+            from spk_toolkit.engine.run import run_shards
+
+            status["reports"] = list(run_shards(plan, head["assignment"][self.rank], self.model, output_dir,
+                                                dataclasses.replace(opts, progress=False), worker=self.worker))
+        except Exception as e:
+            _log_failure(self.worker, e)
+            status.update(ok=False, error=_message(e))
+        self._gather(status)
+        final = self._bcast()
+        self._phase = "done"
+        if not final["ok"]:
+            raise ExtractionError(final["error"] or "the run failed on rank 0")
+
+    def info(self) -> dict:
+        return {"executor": "torchrun", "world_size": self.world, "backend": _dist().get_backend()}
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _log_failure(worker: str, e: BaseException) -> None:
+    if isinstance(e, ExtractionError):  # an expected failure (bad utterance, error policy): one line
+        logger.error("%s stopped: %s", worker, e)
+    else:
+        logger.exception("%s failed", worker)
+
+
+def _message(e: BaseException) -> str:
+    return str(e) if isinstance(e, ExtractionError) else f"{type(e).__name__}: {e}"

@@ -1,0 +1,199 @@
+"""Options of an extraction run and the one error policy every part of the engine applies."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional, Sequence, Tuple
+
+from spk_toolkit.io.writers import parse_formats
+
+
+class ExtractionError(RuntimeError):
+    """Extraction stopped: ``--on_error raise`` met a bad utterance, ``--max_errors`` was exceeded, the output
+    directory holds a plan for a different corpus/model, is locked by another run, or a worker failed."""
+
+
+@dataclasses.dataclass
+class ExtractOptions:
+    """Options of an extraction run (every field is a CLI flag of ``spk_inference``).
+
+    Attributes
+    ----------
+    batch_bins : int
+        Bound on padded samples per batch ``B * T`` at the model's rate (default 16 kHz x 240 s).
+    num_workers : int
+        DataLoader decoding workers (processes that decode ahead of the model). 0 = decode in this process: in
+        the main thread with one model stream, or, with ``model_streams > 1``, each stream decodes its own next
+        batch before its forward (on a 2-core CPU the fastest setting for an ESPnet model: no decoding process
+        preempts the model threads; docs/benchmarks.md). On a GPU, give decoding workers most cores.
+    output_format : list of str
+        Storage registry names (``npz``, ``kaldi_ark``, ``hdf5``, ``npy_dir``).
+    on_error : str
+        ``skip`` (record in ``errors.tsv``, warn, continue) or ``raise`` (stop at the first bad utterance).
+    max_errors : int
+        Stop when more than this many utterances failed, counting those recorded in resumed shards and those
+        refused at the header pass (-1 = no limit).
+    min_duration : float
+        Utterances shorter than this (seconds) are errors (default 0.1 s).
+    allow_pipes : bool
+        Run ``wav.scp`` pipe commands.
+    shard_duration : float
+        Target audio per shard in seconds (default 600 s: a lost shard costs well under a minute on a GPU).
+    overwrite : bool
+        Remove every output of a previous run in ``output_dir`` (plan, shards, embeddings in every format,
+        speaker means, errors, summary, scores) instead of resuming.
+    progress : bool
+        Show a tqdm bar (driver only).
+    torch_threads : int
+        Intra-op threads for the model while embedding (0 = leave torch's setting). On a small CPU box, cores
+        minus ``num_workers`` avoids oversubscription (decoding workers and model threads competing).
+    model_streams : int
+        Concurrent forwards on different batches (Python threads; torch releases the GIL inside operators), each
+        with ``torch_threads // model_streams`` intra-op threads (torch's setting when ``torch_threads`` is 0;
+        default 1 = one forward at a time; :func:`spk_toolkit.engine.run.stream_threads`). On a CPU, 2 streams x 1
+        thread ran the ECAPA-TDNN forward 7-12 % faster than 1 stream x 2 threads on our 2-core machine
+        (docs/benchmarks.md). Results are consumed in batch order, so outputs, errors and shard writes are those
+        of one stream; embeddings agree to float32 rounding. Keep 1 on a GPU.
+    crops : int
+        0 (default) = embed whole utterances. ``N > 0`` = ESPnet's evaluation crops (``SpkPreprocessor`` in
+        validation mode, ``num_eval``): an utterance shorter than ``crop_duration`` is wrapped (``np.pad(...,
+        "wrap")``) to ``crop_duration`` + 1 sample, then ``N`` windows of ``crop_duration`` start at
+        ``int(linspace(0, T - L, N))``; the stored embedding is the mean of the ``N`` crop embeddings
+        (``average_crops``) or the ``(N, D)`` crops.
+    crop_duration : float
+        Seconds per crop (ESPnet ``target_duration``; default 3 s as ESPnet's RawNet3 / ECAPA recipes).
+    average_crops : bool
+        With ``crops > 0``: store the crop mean ``(D,)`` (default) or every crop ``(N, D)``.
+    max_batch_size : int
+        Bound on utterances per batch besides ``batch_bins`` (0 = none; the trainer's ``custom_bs``).
+    lock_timeout : float
+        Seconds to wait for another run holding ``output_dir`` (0 = refuse at once, the default; -1 = wait
+        for as long as it takes).
+    """
+
+    batch_bins: int = 16000 * 240
+    num_workers: int = 1
+    output_format: List[str] = dataclasses.field(default_factory=lambda: ["npz"])
+    on_error: str = "skip"
+    max_errors: int = -1
+    min_duration: float = 0.1
+    allow_pipes: bool = False
+    shard_duration: float = 600.0
+    overwrite: bool = False
+    progress: bool = True
+    torch_threads: int = 0
+    model_streams: int = 1
+    crops: int = 0
+    crop_duration: float = 3.0
+    average_crops: bool = True
+    max_batch_size: int = 0
+    lock_timeout: float = 0.0
+
+    def __post_init__(self):
+        self.output_format = parse_formats(self.output_format)
+        if self.on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
+        _check_int("batch_bins", self.batch_bins, 1)
+        _check_int("num_workers", self.num_workers, 0)
+        _check_int("max_errors", self.max_errors, -1)
+        _check_int("model_streams", self.model_streams, 1)
+        _check_int("torch_threads", self.torch_threads, 0)
+        _check_int("crops", self.crops, 0)
+        _check_int("max_batch_size", self.max_batch_size, 0)
+        _check_float("min_duration", self.min_duration, 0.0, strict=False)
+        _check_float("shard_duration", self.shard_duration, 0.0, strict=True)
+        _check_float("crop_duration", self.crop_duration, 0.0, strict=True)
+        if not (self.lock_timeout == -1 or (math.isfinite(self.lock_timeout) and self.lock_timeout >= 0)):
+            raise ValueError(f"lock_timeout must be >= 0 s or -1 (wait), got {self.lock_timeout}")
+
+    def output_affecting(self) -> dict:
+        """The options that change what is stored for an utterance (part of every shard's fingerprint).
+
+        ``batch_bins``, ``num_workers``, ``model_streams`` and ``torch_threads`` are absent on purpose: outputs do not
+        depend on the batch (DESIGN.md property 1).
+        """
+        d = {"min_duration": float(self.min_duration), "allow_pipes": bool(self.allow_pipes)}
+        if self.crops:
+            d.update(crops=int(self.crops), crop_duration=float(self.crop_duration),
+                     average_crops=bool(self.average_crops))
+        return d
+
+
+def _check_int(name: str, v, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _check_float(name: str, v, lo: float, strict: bool) -> None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(f) or f < lo or (strict and f == lo):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {lo}, got {v!r}")
+
+
+ErrorRecord = Tuple[str, str, str]  # (utt_id, path, reason)
+
+
+class ErrorPolicy:
+    """``--on_error`` and ``--max_errors``, applied in one place.
+
+    Worker side (:class:`spk_toolkit.engine.run.ShardAccumulator`): :meth:`record` each failed utterance; it
+    raises at once under ``on_error="raise"``, or when this worker alone has more than ``max_errors`` (which
+    implies the run has). Driver side (:func:`spk_toolkit.engine.extract`): :meth:`record_many` the
+    errors of every finished shard, resumed ones and header-pass refusals included, so the limit is on the whole
+    run whatever the executor.
+
+    Parameters
+    ----------
+    on_error : {"skip", "raise"}
+    max_errors : int
+        -1 = no limit.
+    warn : callable, optional
+        ``warn(record)`` for each skipped utterance (a log line).
+
+    Raises
+    ------
+    ExtractionError
+        From :meth:`record` / :meth:`record_many`, naming the utterance, its path and the reason.
+    """
+
+    def __init__(self, on_error: str = "skip", max_errors: int = -1, warn=None):
+        self.on_error, self.max_errors, self.warn = on_error, int(max_errors), warn
+        self.count = 0
+        self.first: Optional[ErrorRecord] = None
+
+    def record(self, rec: ErrorRecord, raise_now: Optional[bool] = None) -> None:
+        """Count one failed utterance ``(utt_id, path, reason)``; raise as the policy says.
+
+        ``raise_now`` overrides ``on_error == "raise"`` (the driver passes False for errors a previous run
+        recorded in a resumed shard: they count towards ``max_errors`` only).
+        """
+        self.count += 1
+        if self.first is None:
+            self.first = rec
+        uid, path, reason = rec
+        if (self.on_error == "raise") if raise_now is None else raise_now:
+            raise ExtractionError(f"utterance {uid!r} ({path}): {reason}")
+        if self.warn is not None:
+            self.warn(rec)
+        self.check()
+
+    def record_many(self, recs: Sequence[ErrorRecord], raise_now: Optional[bool] = None) -> None:
+        """:meth:`record` each of ``recs`` in order."""
+        for r in recs:
+            self.record(tuple(r), raise_now=raise_now)
+
+    def check(self) -> None:
+        """Raise when more than ``max_errors`` utterances failed so far.
+
+        Raises
+        ------
+        ExtractionError
+            Naming the limit, the count and the first failed utterance.
+        """
+        if 0 <= self.max_errors < self.count:
+            uid, path, reason = self.first
+            raise ExtractionError(f"{self.count} utterance(s) failed, more than --max_errors {self.max_errors} "
+                                  f"(first: {uid!r} ({path}): {reason}); see errors.tsv and the log")

@@ -1,0 +1,245 @@
+"""The shard plan: corpus -> duration-balanced shards, with the fingerprints that make resume safe.
+
+``plan.json`` (written atomically by the driver) holds the plan fingerprint (corpus ids/paths/segments, model
+description, options), the durations, the shards and the header-pass refusals. Each shard also has its own
+fingerprint (:meth:`Plan.shard_fingerprint`) over the model, the output-affecting options and, per utterance,
+id, source, segment and the source file's size and modification time: a finished shard whose fingerprint no
+longer matches (a source file changed, the model changed) is recomputed, even when ``plan.json`` was removed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from spk_toolkit.engine.options import ExtractionError, ExtractOptions
+from spk_toolkit.io.atomic import atomic_write_text
+from spk_toolkit.io.audio import is_pipe
+from spk_toolkit.io.datadir import CorpusError, Utterance, load_corpus, measure_durations
+
+logger = logging.getLogger(__name__)
+
+PLAN_VERSION = 2
+PLAN_NAME = "plan.json"
+
+
+@dataclasses.dataclass
+class Plan:
+    """A deterministic shard plan.
+
+    Attributes
+    ----------
+    utts : list of Utterance
+        The corpus in input order.
+    shards : list of list of int
+        Indices into ``utts`` per shard (each index exactly once over all shards, header-pass refusals excepted).
+    pre_errors : dict
+        ``utt_id -> reason`` for utterances refused before decoding (unreadable header, refused pipe).
+    fingerprint : str
+        sha256 over corpus, model description and options (``plan.json``).
+    model_info : dict
+        The backend's ``describe()``.
+    stamps : list of str
+        Per utterance, ``"size:mtime_ns"`` of its source file when the plan was made (``"pipe"`` for commands,
+        ``"missing"`` when it cannot be stat'ed); part of the shard fingerprints.
+    options : dict
+        :meth:`ExtractOptions.output_affecting` (part of the shard fingerprints).
+    """
+
+    utts: List[Utterance]
+    shards: List[List[int]]
+    pre_errors: Dict[str, str]
+    fingerprint: str
+    model_info: dict
+    stamps: List[str] = dataclasses.field(default_factory=list)
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def shard_duration(self, k: int) -> float:
+        """Audio in shard ``k``, in seconds (sum of the planned utterance durations; unknown counts as 0)."""
+        return float(sum(self.utts[i].duration or 0.0 for i in self.shards[k]))
+
+    def shard_keys(self, k: int) -> List[str]:
+        """Utterance ids of shard ``k`` in plan order."""
+        return [self.utts[i].utt_id for i in self.shards[k]]
+
+    def shard_fingerprint(self, k: int) -> str:
+        """sha256 over model, output-affecting options and shard ``k``'s utterances with their source stamps."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"model": self.model_info, "options": self.options, "v": PLAN_VERSION},
+                            sort_keys=True, default=str).encode())
+        for i in self.shards[k]:
+            u = self.utts[i]
+            stamp = self.stamps[i] if self.stamps else ""
+            h.update(f"{u.utt_id}\t{u.path}\t{u.start}\t{u.end}\t{stamp}\n".encode())
+        return h.hexdigest()
+
+
+def source_stamp(u: Utterance) -> str:
+    """``"size:mtime_ns"`` of an utterance's audio file, ``"pipe"`` for a ``cmd |`` entry, ``"missing"`` if it
+    cannot be stat'ed, ``"mem:<sha256>"`` of the samples of an in-memory utterance."""
+    if u.audio is not None:
+        a = np.ascontiguousarray(u.audio, dtype=np.float32)
+        return f"mem:{u.sample_rate}:{hashlib.sha256(a.tobytes()).hexdigest()}"
+    path = u.path
+    if is_pipe(path):
+        return "pipe"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def plan_fingerprint(utts: Sequence[Utterance], model_info: dict, opts: ExtractOptions) -> str:
+    """sha256 over the model description, the plan-affecting options and each utterance's id, source and segment."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model_info, sort_keys=True, default=str).encode())
+    h.update(json.dumps({**opts.output_affecting(), "shard_duration": float(opts.shard_duration),
+                         "v": PLAN_VERSION}, sort_keys=True).encode())
+    for u in utts:
+        h.update(f"{u.utt_id}\t{u.path}\t{u.start}\t{u.end}\n".encode())
+    return h.hexdigest()
+
+
+def make_shards(durations: Sequence[float], shard_duration: float) -> List[List[int]]:
+    """Split utterances into shards of about ``shard_duration`` seconds of audio each.
+
+    Utterances are sorted by duration (longest first, ties by index) and cut into consecutive runs, so a shard
+    holds utterances of similar length (little padding when batched) and every shard has about the same audio
+    (balanced by duration, DESIGN.md property 4). Deterministic.
+
+    Parameters
+    ----------
+    durations : sequence of float, length N
+        Seconds per utterance (unknown = 0).
+    shard_duration : float
+        Target seconds of audio per shard (> 0).
+
+    Returns
+    -------
+    list of list of int
+        Utterance indices per shard, each index exactly once.
+    """
+    order = sorted(range(len(durations)), key=lambda i: (-float(durations[i] or 0.0), i))
+    total = float(sum(d or 0.0 for d in durations))
+    n_shards = max(1, int(np.ceil(total / shard_duration))) if total > 0 else 1
+    target = total / n_shards if total > 0 else 1.0
+    shards: List[List[int]] = [[]]
+    acc = 0.0
+    for i in order:
+        if shards[-1] and acc >= target * len(shards) - 1e-9 and len(shards) < n_shards:
+            shards.append([])
+        shards[-1].append(i)
+        acc += float(durations[i] or 0.0)
+    return shards
+
+
+def read_corpus(data) -> List[Utterance]:
+    """The corpus as records, with unique ids checked.
+
+    Raises
+    ------
+    CorpusError
+        No utterances, or a duplicate utterance id (both named).
+    """
+    utts = list(data) if not isinstance(data, (str, os.PathLike)) else load_corpus(data)
+    if not utts:
+        raise CorpusError(f"{data}: no utterances")
+    seen = set()
+    for u in utts:
+        if u.utt_id in seen:
+            raise CorpusError(f"duplicate utterance id {u.utt_id!r} ({u.path})")
+        seen.add(u.utt_id)
+    return utts
+
+
+def load_saved_plan(out: Path) -> Optional[dict]:
+    """``plan.json`` of ``out`` as a dict, or None when absent.
+
+    Raises
+    ------
+    ExtractionError
+        The file exists but is not a plan this version wrote (corrupt, truncated, foreign): names the file.
+    """
+    p = Path(out) / PLAN_NAME
+    if not p.is_file():
+        return None
+    try:
+        saved = json.loads(p.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or saved.get("version") != PLAN_VERSION:
+            raise ValueError(f"version {saved.get('version') if isinstance(saved, dict) else '?'} != {PLAN_VERSION}")
+        for key in ("fingerprint", "durations", "shards", "pre_errors"):
+            if key not in saved:
+                raise ValueError(f"no {key!r}")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ExtractionError(f"{p} is not a valid shard plan ({e}); remove it, or pass --overwrite to start "
+                              "fresh (finished shards are verified and reused)") from None
+    return saved
+
+
+def prepare_run(data, output_dir, model_info: dict, opts: ExtractOptions, write_plan: bool = True) -> Plan:
+    """Read the corpus and build the shard plan, or reload the saved plan when its fingerprint matches.
+
+    Parameters
+    ----------
+    data : path or sequence of Utterance
+        Kaldi data dir, manifest TSV, audio tree, or records.
+    output_dir : path
+        Where ``plan.json`` lives.
+    model_info : dict
+        ``EmbeddingModel.describe()`` (part of the fingerprint).
+    opts : ExtractOptions
+    write_plan : bool
+        Save ``plan.json`` (the driver only).
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    CorpusError
+        Malformed corpus (duplicate ids, lines without a path), before any work starts.
+    ExtractionError
+        ``output_dir`` holds a plan for a different corpus/model/options, or a corrupt ``plan.json`` (named).
+        Header-pass refusals under ``on_error="raise"`` are raised by the driver, not here.
+    """
+    out = Path(output_dir)
+    utts = read_corpus(data)
+    fp = plan_fingerprint(utts, model_info, opts)
+    saved = load_saved_plan(out)
+    stamps = [source_stamp(u) for u in utts]
+    if saved is not None:
+        if saved["fingerprint"] != fp:
+            raise ExtractionError(
+                f"{out} holds results of a different run (corpus, model or options changed: "
+                f"plan fingerprint {str(saved['fingerprint'])[:12]} != {fp[:12]}); "
+                "use another --output_dir or pass --overwrite to start fresh"
+            )
+        for u, d in zip(utts, saved["durations"]):
+            u.duration = d
+        return Plan(utts, saved["shards"], saved["pre_errors"], fp, model_info, stamps, opts.output_affecting())
+    cache_dir = Path(data) if isinstance(data, (str, os.PathLike)) and Path(data).is_dir() else None
+    pre_errors = measure_durations(utts, allow_pipes=opts.allow_pipes, cache_dir=cache_dir)
+    for u in utts:  # the same plan whether durations came from the utt2dur cache (4 decimals) or from headers
+        if u.duration is not None:
+            u.duration = round(u.duration, 4)
+    keep = [i for i, u in enumerate(utts) if u.utt_id not in pre_errors]
+    sub = make_shards([utts[i].duration for i in keep], opts.shard_duration)
+    shards = [[keep[j] for j in s] for s in sub if s]
+    plan = Plan(utts, shards, pre_errors, fp, model_info, stamps, opts.output_affecting())
+    if write_plan:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / PLAN_NAME, json.dumps({
+            "version": PLAN_VERSION, "fingerprint": fp, "model": model_info,
+            "n_utterances": len(utts), "durations": [u.duration for u in utts],
+            "shards": shards, "pre_errors": pre_errors,
+        }))
+    return plan
+
