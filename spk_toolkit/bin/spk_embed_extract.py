@@ -3,13 +3,21 @@
 
 Same options as ``python -m espnet2.bin.spk_embed_extract`` (``--spk_train_config``, ``--spk_model_file``,
 ``--data_path_and_name_and_type``, ``--shape_file``, ``--output_dir``, ``--valid_batch_size``,
-``--target_duration``, ``--num_eval``, ``--average_embd``, ...). Differences from ESPnet's:
+``--target_duration``, ``--num_eval``, ``--average_embd``, ...), plus ``--shard_duration``. Differences from
+ESPnet's:
 
-* each unique utterance is embedded once, on one rank (``crc32(utt_id) % world_size``), in batches of
-  ``--valid_batch_size`` utterances per process (ESPnet divides by ``--ngpu``, which fails on CPU);
-* every rank writes ``embeddings<rank>.npz`` with ``np.savez_compressed`` (temporary name + rename); a rerun keeps
-  finished parts; rank 0 verifies that every unique utterance is present exactly once and writes
-  ``<output_dir>/<set>_embeddings.npz`` (``<set>`` = the parent folder of the first data file, as ESPnet);
+* the extraction runs on spk_toolkit's engine (:func:`spk_toolkit.engine.extract`): the unique utterances are
+  read from the trial lists (``trial.scp`` / ``trial2.scp``) without decoding anything, split into shards of
+  about ``--shard_duration`` seconds of audio, and each rank decodes and embeds only its own shards (ESPnet has
+  every rank decode every trial), in batches of at most ``--valid_batch_size`` utterances per process (ESPnet
+  divides by ``--ngpu``, which fails on CPU); ``--num_workers`` decoding workers per process;
+* ESPnet's ``--num_eval`` evaluation crops of ``--target_duration`` seconds are the engine's deterministic
+  ``crops`` (same start points, same wrapping of short utterances); ``--average_embd`` stores their mean;
+* shards are committed atomically and a rerun reuses the verified ones (``kill -9`` loses at most the shards in
+  flight; a changed model or crop setting is refused: use another ``--output_dir``); rank 0 verifies that
+  every unique utterance is present exactly once, merges, and writes ``<output_dir>/<set>_embeddings.npz``
+  (``np.savez_compressed``; ``<set>`` = the parent folder of the first data file, as ESPnet), next to the
+  engine's ``plan.json``, ``shards/``, ``errors.tsv`` and ``summary.json``;
 * no L2 normalisation of any batch; runs on the CPU (``--ngpu 0``) or GPU.
 
 Multi-process: ``torchrun --nproc_per_node=N -m spk_toolkit.bin.spk_embed_extract --dist_backend gloo ...``
@@ -25,14 +33,25 @@ from pathlib import Path
 
 
 def get_parser():
-    """ESPnet's ``spk_embed_extract`` parser."""
+    """ESPnet's ``spk_embed_extract`` parser, plus ``--shard_duration`` (the engine's shard size)."""
     from espnet2.bin.spk_embed_extract import get_parser as espnet_parser
 
-    return espnet_parser()
+    parser = espnet_parser()
+    parser.add_argument("--shard_duration", type=float, default=600.0,
+                        help="seconds of audio per shard of the engine (the unit of work of a rank and of resume)")
+    return parser
 
 
 def run(args: argparse.Namespace) -> Path | None:
-    """Build the model and the (unsharded) trial iterator, extract, merge. Returns the output file on rank 0."""
+    """Build the model and the (unsharded) trial iterator, extract on the engine. Returns the output file on rank 0.
+
+    Raises
+    ------
+    ValueError
+        ``--valid_batch_size`` < 1 or ``--shard_duration`` <= 0 (before any work).
+    spk_toolkit.engine.ExtractionError, spk_toolkit.train.spk_trainer.ValidationError
+        From :meth:`SpkTrainer.extract_embed`.
+    """
     import torch
     from espnet2.torch_utils.set_all_random_seed import set_all_random_seed
     from espnet2.train.distributed_utils import DistributedOption
@@ -51,6 +70,8 @@ def run(args: argparse.Namespace) -> Path | None:
     )
     if args.valid_batch_size < 1:
         raise ValueError(f"--valid_batch_size must be >= 1, got {args.valid_batch_size}")
+    if not args.shard_duration > 0:
+        raise ValueError(f"--shard_duration must be > 0 s, got {args.shard_duration}")
     dopt.init_torch_distributed()
     device = f"cuda:{torch.cuda.current_device()}" if args.ngpu > 0 else "cpu"
     set_all_random_seed(args.seed)
@@ -64,7 +85,8 @@ def run(args: argparse.Namespace) -> Path | None:
     merged = vars(train_args)
     merged.update(a)
     args = argparse.Namespace(**merged)
-    # every rank reads every trial; unique utterances are split across ranks inside extract_embed
+    # the iterator is built unsharded (as ESPnet): extract_embed reads only its trial lists (no audio), the engine
+    # splits the unique utterances into shards and each rank decodes only its own
     org = dopt.distributed
     dopt.distributed = False
     loader = SpeakerTask.build_iter_factory(args=args, distributed_option=dopt, mode="valid").build_iter(0)
@@ -72,20 +94,27 @@ def run(args: argparse.Namespace) -> Path | None:
 
     reporter = Reporter()
     reporter.set_epoch(1)
-    with reporter.observe("valid") as sub:
-        SpeakerTask.trainer.extract_embed(
-            model=model, iterator=loader, reporter=sub, options=SpeakerTask.trainer.build_options(args),
-            distributed_option=dopt, output_dir=args.output_dir, custom_bs=args.valid_batch_size,
-            average=args.average_embd,
-        )  # fmt: skip
+    trainer = SpeakerTask.trainer
+    saved = trainer.extract_options
+    trainer.extract_options = {**saved, "shard_duration": args.shard_duration, "num_workers": args.num_workers}
+    try:
+        with reporter.observe("valid") as sub:
+            trainer.extract_embed(
+                model=model, iterator=loader, reporter=sub, options=trainer.build_options(args),
+                distributed_option=dopt, output_dir=args.output_dir, custom_bs=args.valid_batch_size,
+                average=args.average_embd,
+            )  # fmt: skip
+    finally:
+        trainer.extract_options = saved
     if rank != 0:
         return None
     set_name = args.data_path_and_name_and_type[0][0].split("/")[-2]
     dst = Path(args.output_dir) / f"{set_name}_embeddings.npz"
     os.replace(Path(args.output_dir) / "embeddings.npz", dst)
-    info = SpeakerTask.trainer.last_extraction
-    print(f"embeddings of the unique utterances -> {dst} (rank 0: {info['n_utts']} utterances"
-          f"{', reused finished part' if info['skipped'] else ''})")
+    info = trainer.last_extraction
+    print(f"embeddings of {info['embedded']} unique utterances -> {dst} ({info['shards_resumed']} of "
+          f"{info['n_shards']} shards reused from a previous run; rank 0 decoded {info['decoded']} utterances; "
+          f"summary: {Path(args.output_dir) / 'summary.json'})")
     return dst
 
 

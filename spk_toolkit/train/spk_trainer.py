@@ -1,10 +1,20 @@
-"""SpkTrainer: ESPnet-SPK's trainer with open-set EER validation and resumable embedding extraction.
+"""SpkTrainer: ESPnet-SPK's trainer with open-set EER validation and extraction on spk_toolkit's engine.
 
 A drop-in replacement for ``espnet2.train.spk_trainer.SpkTrainer`` (same class methods, same signatures; use it
 through :class:`spk_toolkit.tasks.spk.SpeakerTask` or ``python -m spk_toolkit.bin.spk_train``). It is a thin
 shell (DESIGN.md property 9): embeddings come from the espnet backend's padding-invisible forward
-(:meth:`spk_toolkit.backends.espnet.EspnetSpeakerModel.from_model`), scores from
-:func:`spk_toolkit.scoring.cosine_score`, metrics from :func:`spk_toolkit.metrics.compute_metrics`.
+(:meth:`spk_toolkit.backends.espnet.EspnetSpeakerModel.from_model`), extraction from the one engine
+(:func:`spk_toolkit.engine.extract`), scores from :func:`spk_toolkit.scoring.cosine_score`, metrics from
+:func:`spk_toolkit.metrics.compute_metrics`.
+
+Models
+------
+Any module with ESPnet's contract ``forward(speech (B, T), speech_lengths (B,) = None, ..., extract_embd=True)
+-> (B, D)``: an ``ESPnetSpeakerModel`` (masked, padding-invisible forward where
+:func:`spk_toolkit.backends.espnet.masked_support` covers the architecture) or anything else, with or without
+parameters or ESPnet's ``frontend`` / ``encoder`` / ``projector`` attributes (the module's own forward on groups
+of exactly equal length, said once in the log). The device is that of the module's parameters (else buffers,
+else the CPU), never a hard-coded one.
 
 Inputs (ESPnet's validation iterator)
 -------------------------------------
@@ -22,34 +32,40 @@ Policies (documented choices)
 -----------------------------
 * **Each unique utterance is embedded once** per validation (a dict keyed by utterance id, O(1) look-up), in
   chunks of as many utterances as the largest batch seen so far has trials (ESPnet's forward batch is the
-  largest batch's size). Utterances waiting for
-  a chunk are the only audio held; ESPnet instead keeps every crop of every utterance on the device and reads
-  the iterator twice.
+  largest batch's size). Utterances waiting for a chunk are the only audio held; ESPnet instead keeps every crop
+  of every utterance on the device and reads the iterator twice.
 * **Crops are averaged**: an utterance's validation embedding is the mean of its raw (not L2-normalised) crop
   embeddings; the score is the cosine of the two means (:func:`spk_toolkit.scoring.cosine_score`, which treats an
   ``(n_crops, D)`` value the same way). This is also what scoring an ``extract_embed`` npz gives. ESPnet instead
   scores ``-mean(cdist)`` over all crop pairs of L2-normalised crops.
-* **No L2 normalisation in extract_embed**, for every batch (ESPnet normalises only its last partial batch): the
-  stored values are the model's projector output as the backend computes it.
+* **extract_embed runs on the engine** (:func:`spk_toolkit.engine.extract`): for ESPnet's DataLoader the corpus
+  (unique utterances and their audio files) is read from the dataset's trial lists without decoding anything,
+  ESPnet's evaluation crops are the engine's ``crops`` option (same start points, same wrapping), and each rank
+  decodes only its own duration-balanced shards; shards are committed atomically and a rerun reuses the verified
+  ones. No L2 normalisation (ESPnet normalises only its last partial batch): the stored values are the model's
+  output as the backend computes it.
 * **Metrics** (:mod:`spk_toolkit.metrics`, one sort): ``eer`` in % with linear interpolation between the
   operating points where P_miss - P_fa changes sign; ``mindcf`` at P_target = 0.05 (ESPnet's/VoxSRC's value) and
   ``mindcf_p01`` at P_target = 0.01, C_miss = C_fa = 1, normalised (NIST SRE 2016 eval plan eq. 2-4);
   ``trg_mean``/``trg_std``/``nontrg_mean``/``nontrg_std`` are population mean and standard deviation of the
   target / nontarget cosine scores; ``n_trials``.
-* **Distributed**: the device is that of the model's parameters (CPU/gloo and CUDA/NCCL alike); the model's
-  buffers are first broadcast from rank 0 (ranks' BatchNorm statistics diverge in the last training step, see
-  :func:`sync_buffers`), so every rank validates the model rank 0 saves; a
-  ``DistributedDataParallel`` wrapper is removed before any forward (its forward would run a collective per call,
-  and ranks embed different numbers of utterances). No collective runs inside the loop; afterwards each rank's
-  (trial ids, scores, labels) are gathered with ``all_gather_object`` so every rank registers the same metrics.
+* **Distributed**: the device is that of the model (CPU/gloo and CUDA/NCCL alike); the model's buffers are first
+  broadcast from rank 0 (ranks' BatchNorm statistics diverge in the last training step, see
+  :func:`sync_buffers`), so every rank uses the model rank 0 saves; a ``DistributedDataParallel`` wrapper is
+  removed before any forward (its forward would run a collective per call, and ranks embed different numbers of
+  utterances). Validation runs no collective inside the loop; afterwards each rank's (trial ids, scores, labels)
+  are gathered with ``all_gather_object`` so every rank registers the same metrics. ``extract_embed`` uses the
+  engine's torchrun executor inside the existing process group (rank 0 plans and merges).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import zlib
+import socket
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -59,11 +75,17 @@ from espnet2.train.distributed_utils import DistributedOption
 from espnet2.train.reporter import SubReporter
 from espnet2.train.trainer import Trainer, TrainerOptions
 
+from spk_toolkit.io.datadir import Utterance
+
 logger = logging.getLogger(__name__)
 
 P_TARGETS = (0.01, 0.05)
-PART_NAME = "embeddings{rank}.npz"
 MERGED_NAME = "embeddings.npz"
+#: ``path`` of the in-memory utterances built from a custom iterator's batches (a description only)
+IN_MEMORY_PATH = "<in memory, from the trainer's iterator>"
+#: engine options :meth:`SpkTrainer.extract_embed` sets itself (not settable through ``extract_options``)
+EXTRACT_FIXED = ("output_format", "on_error", "max_errors", "max_batch_size", "crops", "crop_duration",
+                 "average_crops")
 
 
 class ValidationError(ValueError):
@@ -164,13 +186,11 @@ class UniqueEmbedder:
     Parameters
     ----------
     model : torch.nn.Module
-        ESPnet speaker model (unwrapped, eval mode).
+        Any module with ESPnet's contract (unwrapped, eval mode; see the module docstring).
     chunk : int
         Utterances per forward (>= 1).
     average : bool
         Keep the crop mean ``(D,)`` (True) or all crops ``(n_crops, D)`` (False).
-    keep : callable, optional
-        ``keep(utt_id) -> bool``; utterances for which it is False are skipped (rank assignment).
 
     Attributes
     ----------
@@ -179,9 +199,15 @@ class UniqueEmbedder:
         Crop rows (or whole utterances) sent to the model.
     n_forward : int
         Forward calls (chunks).
+
+    Raises
+    ------
+    ValueError
+        ``chunk < 1``; from :meth:`EspnetSpeakerModel.from_model` for a module whose embedding dimension cannot
+        be found.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk: int, average: bool, keep=None):
+    def __init__(self, model: torch.nn.Module, chunk: int, average: bool):
         from spk_toolkit.backends.espnet import EspnetSpeakerModel
 
         if chunk < 1:
@@ -190,7 +216,6 @@ class UniqueEmbedder:
         self.model = model
         self.chunk = int(chunk)
         self.average = average
-        self.keep = keep
         self.embeddings: Dict[str, np.ndarray] = {}
         self._seen: set = set()
         self._pending: List[Tuple[str, torch.Tensor, int]] = []
@@ -203,17 +228,10 @@ class UniqueEmbedder:
         if utt_id in self._seen:
             return
         self._seen.add(utt_id)
-        if self.keep is not None and not self.keep(utt_id):
-            return
         # a copy of this utterance's rows only: a view would pin the whole batch tensor until the next flush
         self._pending.append((utt_id, rows[:, :length].clone(), length))
         if len(self._pending) >= self.chunk:
             self.flush()
-
-    @property
-    def seen(self) -> set:
-        """Every utterance id offered (kept or not)."""
-        return self._seen
 
     def _forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.task_token is None:
@@ -276,157 +294,328 @@ def _gather_objects(obj, world: int):
     return out
 
 
-def _sha_ids(ids: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for u in sorted(ids):
-        h.update(u.encode())
-        h.update(b"\n")
-    return h.hexdigest()
+# ----------------------------------------------------------------------------------------------------------------
+# extract_embed: the corpus of a trial iterator, for the engine
 
 
-def rank_of(utt_id: str, world_size: int) -> int:
-    """Rank that embeds ``utt_id`` in :meth:`SpkTrainer.extract_embed`: ``crc32(utt_id) % world_size``.
-
-    Independent of the iteration order, so every rank agrees without communication.
-    """
-    return zlib.crc32(utt_id.encode("utf-8")) % world_size
-
-
-def part_path(output_dir: str | os.PathLike, rank: int) -> Path:
-    """``<output_dir>/embeddings<rank>.npz`` (ESPnet's per-rank file name)."""
-    return Path(output_dir) / PART_NAME.format(rank=rank)
-
-
-def _meta_path(output_dir, rank: int) -> Path:
-    return Path(output_dir) / f"embeddings{rank}.json"
-
-
-def _atomic_savez(path: Path, arrays: Dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def extract_part(
-    model: torch.nn.Module,
-    iterator: Iterable,
-    output_dir: str | os.PathLike,
-    custom_bs: int,
-    average: bool,
-    rank: int,
-    world_size: int,
-) -> dict:
-    """Embed this rank's share of the iterator's unique utterances into ``embeddings<rank>.npz``.
-
-    Every rank reads the whole iterator (ESPnet's extraction iterator is not sharded), keeps the utterances with
-    :func:`rank_of` equal to its rank and embeds them in chunks of ``custom_bs``. The part is written with
-    ``np.savez_compressed`` to a temporary name and renamed; ``embeddings<rank>.json`` (written first) records
-    the world size, the options and the count + sha256 of *all* unique utterance ids (for :func:`merge_parts`).
-    A part whose json matches ``world_size``/``average`` is kept as is (resume): the iterator is not read.
-
-    Returns
-    -------
-    dict
-        ``{"rank", "skipped", "n_utts", "n_rows", "n_forward", "path"}``.
+def check_custom_bs(custom_bs) -> int:
+    """``custom_bs`` of :meth:`SpkTrainer.extract_embed` as an int, checked.
 
     Raises
     ------
     ValueError
-        ``custom_bs < 1``; malformed trial ids.
+        Not an integer >= 1 (``True``, ``2.5``, ``0`` and ``-1`` are refused).
     """
     if isinstance(custom_bs, bool) or not isinstance(custom_bs, (int, np.integer)) or custom_bs < 1:
         raise ValueError(f"custom_bs (utterances per forward) must be an integer >= 1, got {custom_bs!r}")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path, meta_path = part_path(out, rank), _meta_path(out, rank)
-    if path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("world_size") == world_size and meta.get("average") == bool(average):
-            logger.info("extract_embed: %s already complete (%d utterances), not recomputed", path, meta["n_part"])
-            return {"rank": rank, "skipped": True, "n_utts": meta["n_part"], "n_rows": 0, "n_forward": 0,
-                    "path": str(path)}
-    net = unwrap_model(model)
-    net.eval()
-    emb = UniqueEmbedder(net, custom_bs, average, keep=lambda u: rank_of(u, world_size) == rank)
-    for ids, batch in iterator:
-        if "task_tokens" in batch:
-            emb.task_token = batch["task_tokens"][0]
-        enr = utterance_rows(batch, "speech")
-        tst = utterance_rows(batch, "speech2")
-        for tid, (r1, l1), (r2, l2) in zip(ids, enr, tst):
-            u1, u2 = split_trial_id(tid)
-            emb.add(u1, r1, l1)
-            emb.add(u2, r2, l2)
-    emb.flush()
-    meta = {"rank": rank, "world_size": world_size, "average": bool(average), "n_part": len(emb.embeddings),
-            "n_all": len(emb.seen), "all_sha256": _sha_ids(emb.seen), "all_ids": sorted(emb.seen)}
-    _atomic_text(meta_path, json.dumps(meta))
-    _atomic_savez(path, emb.embeddings)
-    return {"rank": rank, "skipped": False, "n_utts": len(emb.embeddings), "n_rows": emb.n_rows,
-            "n_forward": emb.n_forward, "path": str(path)}
+    return int(custom_bs)
 
 
-def merge_parts(
-    output_dir: str | os.PathLike, world_size: int, out_name: str = MERGED_NAME, remove_parts: bool = True
-) -> Path:
-    """Merge ``embeddings0..N-1.npz`` into one compressed npz after verifying completeness.
+class TaskTokenModel(torch.nn.Module):
+    """A speaker model with one task token bound: ``forward(speech, speech_lengths=None, ..., extract_embd=True)``.
 
-    Checks that all parts agree on the set of unique utterances (count + sha256 recorded by
-    :func:`extract_part`), that every utterance is present exactly once over the parts and that nothing else is.
-    Writes ``out_name`` atomically (sorted keys), then removes the parts and their json files.
+    ESPnet's ``extract_embed`` passes the task token of the iterator to every forward as ``task_tokens`` ``(B, 1)``;
+    the engine's backend calls the bare contract, so the token is bound here (a buffer, so that it is part of the
+    weights fingerprint of :meth:`EspnetSpeakerModel.describe`). The wrapper has no ``frontend`` attribute: the
+    backend runs its forward on groups of exactly equal length.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The speaker model (unwrapped).
+    token : int
+        The task token.
+    """
+
+    def __init__(self, model: torch.nn.Module, token: int):
+        super().__init__()
+        self.model = model
+        self.register_buffer("token", torch.tensor([int(token)], dtype=torch.long))
+
+    def forward(self, speech: torch.Tensor, speech_lengths: Optional[torch.Tensor] = None, spk_labels=None,
+                extract_embd: bool = True, **kwargs) -> torch.Tensor:
+        """``(B, T)`` speech -> ``(B, D)``: ``model(speech, speech_lengths, task_tokens=(B, 1), extract_embd=True)``."""
+        tok = self.token.to(speech.device).repeat(speech.shape[0]).unsqueeze(1)
+        return self.model(speech, speech_lengths, spk_labels=None, task_tokens=tok, extract_embd=True)
+
+
+@dataclasses.dataclass
+class TrialCorpus:
+    """The unique utterances of a trial iterator and how ESPnet would have fed them to the model.
+
+    Attributes
+    ----------
+    utts : list of Utterance
+        Unique utterances sorted by id (the corpus does not depend on the iterator's batching or order): audio
+        paths (``source="espnet_dataset"``) or in-memory waveforms (``source="batches"``).
+    crops : int
+        ESPnet's ``num_eval`` evaluation crops (0 = whole utterances).
+    crop_duration : float
+        Seconds per crop (``target_duration / sample_rate`` of the preprocessor).
+    task_token : int or None
+        The one task token of the trials, if they have one.
+    source : {"espnet_dataset", "batches"}
+        Read from the dataset's trial lists (nothing decoded) or from the iterator's batches.
+    """
+
+    utts: List[Utterance]
+    crops: int = 0
+    crop_duration: float = 3.0
+    task_token: Optional[int] = None
+    source: str = "espnet_dataset"
+
+    def options(self) -> tuple:
+        """``(crops, crop_duration, task_token, source)``."""
+        return self.crops, self.crop_duration, self.task_token, self.source
+
+    def digest(self) -> str:
+        """sha256 over the options and each utterance's id, path and (in memory) length."""
+        h = hashlib.sha256(json.dumps(self.options()).encode())
+        for u in self.utts:
+            n = "" if u.audio is None else len(u.audio)
+            h.update(f"{u.utt_id}\t{u.path}\t{n}\n".encode())
+        return h.hexdigest()
+
+
+def _one_token(tokens: set) -> Optional[int]:
+    if len(tokens) > 1:
+        raise ValidationError(f"trials with different task tokens {sorted(tokens)[:5]}: extract_embed binds one "
+                              "token to every forward (as ESPnet); extract each task separately")
+    return next(iter(tokens)) if tokens else None
+
+
+def _sound_paths(loader) -> Optional[Dict[str, str]]:
+    """key -> audio path of an ESPnet ``sound`` loader (one file per key), None for any other loader."""
+    from espnet2.fileio.sound_scp import SoundScpReader
+    from espnet2.train.dataset import AdapterForSoundScpReader
+
+    inner = getattr(loader, "loader", None)
+    if (isinstance(loader, AdapterForSoundScpReader) and isinstance(inner, SoundScpReader)
+            and not inner.multi_columns and isinstance(inner.data, dict)):
+        return inner.data
+    return None
+
+
+def _sampler_trial_ids(iterator, keys: List[str]) -> List[str]:
+    """The trial ids the DataLoader would yield (its ``batch_sampler``), or every key when it has none."""
+    bs = getattr(iterator, "batch_sampler", None)
+    if bs is None:
+        return list(keys)
+    out = []
+    for batch in bs:
+        for k in batch:
+            if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+                k = keys[int(k)]  # ESPnetDataset maps an integer index to the first loader's key order
+            if not isinstance(k, str):
+                raise ValidationError(f"the iterator's batch sampler yields {type(k).__name__} keys, not trial ids")
+            out.append(k)
+    return out
+
+
+def espnet_trial_corpus(iterator, sample_rate: Optional[int] = None) -> Optional[TrialCorpus]:
+    """The corpus of ESPnet's trial DataLoader, read from its dataset's trial lists without decoding any audio.
+
+    ``iterator.dataset`` must be ESPnet's ``ESPnetDataset`` (``espnet2/train/dataset.py``) whose ``loader_dict``
+    has ``speech`` (``trial.scp``: ``enr*tst enroll_wav``) and ``speech2`` (``trial2.scp``: ``enr*tst
+    test_wav``) ``sound`` loaders; the trials are those of the DataLoader's ``batch_sampler``. Its ``preprocess``
+    gives the crops: None = whole utterances; ESPnet's ``SpkPreprocessor`` in validation mode = ``num_eval``
+    crops of ``target_duration`` samples (``espnet2/train/preprocessor.py`` ``SpkPreprocessor._speech_process``,
+    reproduced by :func:`spk_toolkit.engine.run.eval_crops`). A ``task_tokens`` text loader gives the task token.
+
+    Parameters
+    ----------
+    iterator : object
+        Anything; only a DataLoader over such a dataset is recognised.
+    sample_rate : int, optional
+        The model's rate, to warn when the preprocessor's ``sample_rate`` differs (crop lengths are in seconds).
 
     Returns
     -------
-    Path
-        The merged file.
+    TrialCorpus or None
+        None when ``iterator`` is not such a DataLoader (another dataset, another loader type such as
+        ``kaldi_ark`` or multi-column sound, or a preprocessor other than ``SpkPreprocessor``): read its batches
+        with :func:`batch_corpus` instead.
 
     Raises
     ------
-    FileNotFoundError
-        A part is missing (message names it).
-    RuntimeError
-        Parts disagree on the utterance set, an utterance is missing or duplicated (count and examples).
+    ValidationError
+        A trial id that is not ``enr*tst``, missing from one trial list, or with ``None`` audio; an utterance with
+        two different audio paths; a ``SpkPreprocessor`` in training mode (random crops) or with ``num_eval`` <
+        1; several task tokens; no trials.
     """
-    out = Path(output_dir)
-    metas, parts = [], []
-    for r in range(world_size):
-        p, m = part_path(out, r), _meta_path(out, r)
-        if not p.is_file() or not m.is_file():
-            raise FileNotFoundError(f"missing part {p} (or {m.name}): rerun the extraction to compute it")
-        metas.append(json.loads(m.read_text()))
-        parts.append(p)
-    shas = {m["all_sha256"] for m in metas}
-    if len(shas) != 1 or any(m["world_size"] != world_size for m in metas):
-        raise RuntimeError(f"parts in {out} come from different runs (utterance sets {len(shas)}, world sizes "
-                           f"{sorted({m['world_size'] for m in metas})}); remove them and rerun")
-    expected = set(metas[0]["all_ids"])
-    merged: Dict[str, np.ndarray] = {}
-    dup = []
-    for p in parts:
-        with np.load(p, allow_pickle=False) as z:
-            for k in z.files:
-                if k in merged:
-                    dup.append(k)
-                merged[k] = z[k]
-    missing = sorted(expected - merged.keys())
-    extra = sorted(merged.keys() - expected)
-    if dup or missing or extra:
-        raise RuntimeError(f"merge check failed in {out}: {len(missing)} missing (e.g. {missing[:3]}), "
-                           f"{len(dup)} duplicated (e.g. {dup[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})")
-    dst = out / out_name
-    _atomic_savez(dst, {k: merged[k] for k in sorted(merged)})
-    if remove_parts:
-        for r in range(world_size):
-            part_path(out, r).unlink(missing_ok=True)
-            _meta_path(out, r).unlink(missing_ok=True)
-    logger.info("extract_embed: merged %d parts, %d utterances -> %s", world_size, len(merged), dst)
-    return dst
+    ds = getattr(iterator, "dataset", None)
+    loaders = getattr(ds, "loader_dict", None)
+    if not isinstance(loaders, dict) or "speech" not in loaders or "speech2" not in loaders:
+        return None
+    maps = {k: _sound_paths(loaders[k]) for k in ("speech", "speech2")}
+    if any(m is None for m in maps.values()):
+        return None
+    pre = getattr(ds, "preprocess", None)
+    crops, crop_duration = 0, 3.0
+    if pre is not None:
+        from espnet2.train.preprocessor import SpkPreprocessor
+
+        if type(pre) is not SpkPreprocessor:  # unknown preprocessing: only its batches say what the model sees
+            return None
+        if pre.train:
+            raise ValidationError("the iterator's SpkPreprocessor is in training mode (random crops); extract_embed "
+                                  "needs ESPnet's validation iterator (mode='valid': deterministic num_eval crops)")
+        if int(pre.num_eval) < 1 or int(pre.target_duration) < 1:
+            raise ValidationError(f"SpkPreprocessor num_eval={pre.num_eval}, target_duration={pre.target_duration} "
+                                  "samples: both must be >= 1")
+        crops, crop_duration = int(pre.num_eval), float(pre.target_duration) / float(pre.sample_rate)
+        if sample_rate and int(pre.sample_rate) != int(sample_rate):
+            logger.warning("extract_embed: the preprocessor's sample_rate %d differs from the model's %d Hz; crops "
+                           "are %.3f s at the model's rate", pre.sample_rate, sample_rate, crop_duration)
+    info = getattr(ds, "debug_info", {}) or {}
+    names = {k: (info.get(k) or (k,))[0] for k in maps}
+    tok_map = loaders.get("task_tokens")
+    paths: Dict[str, str] = {}
+    tokens = set()
+    for tid in _sampler_trial_ids(iterator, list(maps["speech"])):
+        sides = split_trial_id(tid)
+        for u, key in zip(sides, ("speech", "speech2")):
+            p = maps[key].get(tid)
+            if p is None:
+                raise ValidationError(f"trial {tid!r} is not in {names[key]} ({key})")
+            if p == "None":
+                raise ValidationError(f"trial {tid!r} has no {key} audio ('None' in {names[key]})")
+            old = paths.setdefault(u, p)
+            if old != p:
+                raise ValidationError(f"utterance {u!r} has two audio paths in the trial lists: {old} and {p} "
+                                      f"(trial {tid!r})")
+        if tok_map is not None and tid in tok_map:
+            tokens.add(int(tok_map[tid]))
+    if not paths:
+        raise ValidationError(f"no trials in {names['speech']}: nothing to extract")
+    return TrialCorpus([Utterance(u, paths[u]) for u in sorted(paths)], crops, crop_duration, _one_token(tokens),
+                       "espnet_dataset")
+
+
+def batch_corpus(iterator: Iterable, sample_rate: int) -> TrialCorpus:
+    """The corpus of any other trial iterator: read it once, keep each unique utterance's true-length waveform.
+
+    Parameters
+    ----------
+    iterator : iterable of (list of str, dict)
+        Batches of trials ``ids`` (``enr*tst``) with whole utterances ``speech`` / ``speech2`` ``(B, T)``
+        zero-padded and optionally ``speech_lengths`` / ``speech2_lengths`` ``(B,)`` samples (all of ``T``
+        when absent), and optionally ``task_tokens``.
+    sample_rate : int
+        Rate of the waveforms (the model's: ESPnet feeds batches to the model as they are).
+
+    Returns
+    -------
+    TrialCorpus
+        ``source="batches"``, in-memory utterances (``Utterance.audio`` ``(T_i,)`` float32, first occurrence of
+        each id) sorted by id. All of them are held in memory.
+
+    Raises
+    ------
+    ValidationError
+        A step that is not ``(ids, dict)``, a missing ``speech`` / ``speech2``, crops ``(B, n_crops, T)`` (their
+        source utterances cannot be recovered: pass ESPnet's DataLoader, whose dataset names the audio files, or
+        whole utterances), ids and rows of different counts, a malformed trial id, several task tokens, no trials.
+    """
+    audio: Dict[str, np.ndarray] = {}
+    tokens = set()
+    for step in iterator:
+        if not (isinstance(step, (tuple, list)) and len(step) == 2 and isinstance(step[1], dict)):
+            raise ValidationError(f"each step of the iterator must be (trial ids, batch dict), got {type(step).__name__}")
+        ids, batch = step
+        for key in ("speech", "speech2"):
+            if key not in batch:
+                raise ValidationError(f"batch has no {key!r} (keys: {sorted(batch)}); extract_embed needs trial pairs")
+            if batch[key].dim() == 3:
+                raise ValidationError(
+                    f"{key} holds crops {tuple(batch[key].shape)} (B, n_crops, T), which cannot be mapped back to "
+                    "their utterances: pass ESPnet's DataLoader (its dataset names the audio files and the "
+                    "preprocessor the crops) or batches of whole utterances (B, T) with speech_lengths")
+        if "task_tokens" in batch:
+            tokens.update(int(v) for v in torch.as_tensor(batch["task_tokens"]).reshape(-1).tolist())
+        rows = utterance_rows(batch, "speech"), utterance_rows(batch, "speech2")
+        if not len(ids) == len(rows[0]) == len(rows[1]):
+            raise ValidationError(f"{len(ids)} trial ids for {len(rows[0])} / {len(rows[1])} speech rows")
+        for tid, r1, r2 in zip(ids, *rows):
+            for u, (r, length) in zip(split_trial_id(tid), (r1, r2)):
+                if u not in audio:  # a copy of the true samples only, not a view pinning the batch
+                    audio[u] = r[0, :length].detach().to("cpu", torch.float32).numpy().copy()
+    if not audio:
+        raise ValidationError("the iterator yielded no trials: nothing to extract")
+    utts = [Utterance(u, IN_MEMORY_PATH, audio=audio[u], sample_rate=int(sample_rate)) for u in sorted(audio)]
+    return TrialCorpus(utts, task_token=_one_token(tokens), source="batches")
+
+
+def corpus_on_every_rank(build, world: int) -> TrialCorpus:
+    """``build()`` on this rank; with ``world > 1``, the same corpus on every rank, or the same error on every rank.
+
+    Ranks exchange a digest (``all_gather_object``). When they differ, ESPnet-dataset corpora (an iterator sharded
+    per rank) are united (each rank contributes its utterances and paths); batch corpora must agree.
+
+    Parameters
+    ----------
+    build : callable
+        ``build() -> TrialCorpus`` (may raise).
+    world : int
+
+    Raises
+    ------
+    ValidationError
+        Another rank failed (its message), ranks disagree on crops / task token / source, a batch corpus differs
+        between ranks, or two ranks give one utterance different paths. This rank's own error is re-raised as
+        it is (after the exchange, so no rank waits for a failed one).
+    """
+    if world == 1:
+        return build()
+    corpus, err = None, None
+    try:
+        corpus = build()
+    except Exception as e:  # noqa: BLE001 - re-raised after every rank knows
+        err = e
+    got = _gather_objects((None, corpus.digest()) if err is None else (f"{type(err).__name__}: {err}", None), world)
+    if err is not None:
+        raise err
+    failed = [(r, m) for r, (m, _) in enumerate(got) if m is not None]
+    if failed:
+        raise ValidationError("; ".join(f"rank {r}: {m}" for r, m in failed))
+    if len({d for _, d in got}) == 1:
+        return corpus
+    parts = _gather_objects((corpus.options(), {u.utt_id: u.path for u in corpus.utts}), world)
+    if len({p[0] for p in parts}) != 1 or corpus.source != "espnet_dataset":
+        raise ValidationError("the ranks' iterators give different corpora (utterances, crops, task token or "
+                              f"source: {[p[0] for p in parts]}); with a custom iterator every rank must yield the "
+                              "same whole-utterance trials (or pass ESPnet's DataLoader)")
+    paths: Dict[str, str] = {}
+    for r, (_, m) in enumerate(parts):
+        for u, p in m.items():
+            if paths.setdefault(u, p) != p:
+                raise ValidationError(f"utterance {u!r}: rank {r} has audio {p}, another rank {paths[u]}")
+    return dataclasses.replace(corpus, utts=[Utterance(u, paths[u]) for u in sorted(paths)])
+
+
+@contextlib.contextmanager
+def _torchrun_environment(rank: int, world: int):
+    """``RANK`` / ``WORLD_SIZE`` of the initialised process group for the engine's torchrun executor, restored after.
+
+    torchrun exports them; ESPnet's ``--dist_rank`` / SLURM launches initialise the process group without them.
+
+    Raises
+    ------
+    RuntimeError
+        They are set but disagree with the process group.
+    """
+    want = {"RANK": str(rank), "WORLD_SIZE": str(world)}
+    saved = {k: os.environ.get(k) for k in want}
+    bad = {k: v for k, v in saved.items() if v is not None and v != want[k]}
+    if bad:
+        raise RuntimeError(f"environment {bad} disagrees with the process group (rank {rank} of {world})")
+    os.environ.update(want)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,12 +626,28 @@ class SpkTrainer(Trainer):
     """ESPnet speaker trainer: closed-set classification training, open-set EER validation.
 
     Class methods only (like ESPnet's ``SpkTrainer``); instantiating raises ``RuntimeError``.
-    ``last_validation`` / ``last_extraction`` hold this process's counts of the latest call (unique utterances,
-    rows and forward calls), for tests and logs.
+
+    Attributes
+    ----------
+    last_validation : dict
+        This process's counts of the latest :meth:`validate_one_epoch` (``rank``, ``world_size``, ``n_trials``,
+        ``n_unique_utts``, ``n_rows``, ``n_forward``), for tests and logs.
+    last_extraction : dict
+        The latest :meth:`extract_embed` on this rank: ``rank``, ``world_size``, ``executor``, ``source``
+        (``espnet_dataset`` | ``batches``), ``n_utts`` (unique utterances of the corpus), ``embedded`` (in
+        ``embeddings.npz``), ``crops``, ``average``, ``task_token``, ``decoded`` / ``computed`` (utterances this
+        rank decoded / embedded in this call), ``shards`` (the shard ids it computed), ``n_shards``,
+        ``shards_resumed`` (reused from a previous run), ``output`` (the merged npz), ``summary`` (the engine's
+        summary on rank 0, None elsewhere).
+    extract_options : dict
+        Extra :class:`spk_toolkit.engine.ExtractOptions` fields for :meth:`extract_embed` (ESPnet's signature has
+        no room for them), e.g. ``{"shard_duration": 60.0, "num_workers": 4}``; the fields of
+        :data:`EXTRACT_FIXED` are refused. Empty by default (the engine's defaults, ``num_workers=0``).
     """
 
     last_validation: dict = {}
     last_extraction: dict = {}
+    extract_options: dict = {}
 
     def __init__(self):
         raise RuntimeError("This class can't be instantiated.")
@@ -462,7 +667,8 @@ class SpkTrainer(Trainer):
         Parameters
         ----------
         model : torch.nn.Module
-            ``ESPnetSpeakerModel``, possibly ``DistributedDataParallel``-wrapped. Runs on its parameters' device.
+            ``ESPnetSpeakerModel`` or any module with its contract (see the module docstring), possibly
+            ``DistributedDataParallel``-wrapped. Runs on its own device (parameters, else buffers, else the CPU).
         iterator : iterable of (list of str, dict)
             ESPnet's validation iterator of trial pairs (see the module docstring for the layouts).
         reporter : SubReporter
@@ -577,52 +783,106 @@ class SpkTrainer(Trainer):
         custom_bs: int,
         average: bool = False,
     ) -> None:
-        """Embed every unique utterance of a trial iterator; write ``embeddings<rank>.npz``, then merge.
+        """Embed every unique utterance of a trial iterator through the engine into ``<output_dir>/embeddings.npz``.
 
         Parameters
         ----------
         model : torch.nn.Module
-            ``ESPnetSpeakerModel`` (DDP wrapper removed); runs on its parameters' device.
+            ``ESPnetSpeakerModel`` or any module with its contract (see the module docstring), possibly
+            ``DistributedDataParallel``-wrapped (unwrapped here); runs on its own device.
         iterator : iterable of (list of str, dict)
-            ESPnet's (unsharded) trial iterator; every rank reads all of it.
+            ESPnet's trial DataLoader (``iterator.dataset`` an ``ESPnetDataset`` over ``trial.scp`` /
+            ``trial2.scp``): the corpus is read from its trial lists without decoding
+            (:func:`espnet_trial_corpus`), its ``SpkPreprocessor`` (validation mode) gives the crops, and each rank
+            decodes only its own shards. Any other iterable of whole-utterance batches (``speech`` ``(B, T)``
+            with ``speech_lengths``) is read once into memory (:func:`batch_corpus`).
         reporter : SubReporter
-            Receives ``n_utts`` (this rank's count).
+            Receives ``n_utts``: the utterances this rank embedded in this call (0 when every shard was resumed).
         options : TrainerOptions
             Unused (ESPnet's signature).
         distributed_option : DistributedOption
-            Rank/world size when distributed; unique utterances are split by :func:`rank_of`.
+            When distributed (world size > 1) the engine's torchrun executor runs in the existing process group:
+            rank 0 plans and merges, every rank computes its own duration-balanced shards.
         output_dir : str
-            Where ``embeddings<rank>.npz`` and the merged ``embeddings.npz`` go.
+            The engine's output directory: ``embeddings.npz`` (``np.savez_compressed``, keys = utterance ids,
+            input order = sorted ids, readable with ``np.load``), ``plan.json``, ``shards/``, ``errors.tsv``,
+            ``summary.json``. A rerun with the same corpus, model weights and options reuses the verified shards.
         custom_bs : int
-            Utterances per forward (>= 1).
+            Utterances per batch (>= 1; the engine's ``max_batch_size``; batches are also bounded by padded
+            samples, and crops of a batch go through forwards of at most ``batch_bins`` samples).
         average : bool
-            Store the crop mean ``(D,)`` per utterance instead of the crops ``(n_crops, D)`` (whole-utterance
-            batches give ``(1, D)``).
+            With ESPnet's crops: store the crop mean ``(D,)`` instead of the crops ``(num_eval, D)``. Whole
+            utterances (no preprocessor, or a batch iterator) are always stored as ``(D,)``.
 
         Raises
         ------
         ValueError
-            ``custom_bs < 1`` (before any work, on every rank, so no rank waits at a barrier for a failed one).
-        RuntimeError / FileNotFoundError
-            The merge check failed (see :func:`merge_parts`).
+            ``custom_bs`` is not an integer >= 1, or :attr:`extract_options` sets an option fixed here (both
+            before any work, on every rank, so no rank waits at a barrier for a failed one).
+        ValidationError
+            Malformed trials or batches (see :func:`espnet_trial_corpus`, :func:`batch_corpus`,
+            :func:`corpus_on_every_rank`); raised on every rank.
+        spk_toolkit.engine.ExtractionError
+            An utterance failed (``on_error="raise"``: no partial ``embeddings.npz``), ``output_dir`` holds a
+            plan of another corpus, model (weights) or crop setting (use another directory), or is in use.
+        spk_toolkit.io.datadir.CorpusError
+            From the engine's corpus checks.
 
         Notes
         -----
-        Values are float32 projector outputs, never L2-normalised. Per-rank parts are written atomically and
-        kept on a rerun (resume): after a crash only missing parts are recomputed. Rank 0 merges after a
-        barrier into ``<output_dir>/embeddings.npz`` (``np.savez_compressed``, keys = utterance ids, readable
-        by ESPnet's scoring scripts with ``np.load``) and removes the parts.
+        Values are float32 model outputs, never L2-normalised. Engine options besides the fixed ones
+        (:data:`EXTRACT_FIXED`) come from :attr:`extract_options` (e.g. ``shard_duration``, ``batch_bins``,
+        ``num_workers``); defaults: ``num_workers=0``, ``progress=False``, ``min_duration=0`` (ESPnet embeds every
+        utterance; the model's own minimum length still applies). :attr:`last_extraction` holds this rank's
+        counts and, on rank 0, the engine's summary.
         """
+        from spk_toolkit.backends.espnet import EspnetSpeakerModel
+        from spk_toolkit.backends.espnet.model import model_sample_rate
+        from spk_toolkit.engine import extract
+        from spk_toolkit.engine.run import default_worker_name
+
+        bs = check_custom_bs(custom_bs)
+        extra = dict(cls.extract_options or {})
+        fixed = sorted(set(extra) & set(EXTRACT_FIXED))
+        if fixed:
+            raise ValueError(f"SpkTrainer.extract_options cannot set {fixed}: extract_embed fixes them "
+                             "(npz output, on_error=raise, max_batch_size=custom_bs, crops from the preprocessor)")
         rank, world = dist_info(distributed_option)
-        info = extract_part(model, iterator, output_dir, custom_bs, average, rank, world)
-        cls.last_extraction = info
-        reporter.register(stats=dict(n_utts=info["n_utts"]))
+        net = unwrap_model(model)
+        net.eval()
         if world > 1:
-            torch.distributed.barrier()
-        if rank == 0:
-            merge_parts(output_dir, world)
-        if world > 1:
-            torch.distributed.barrier()
+            sync_buffers(net)
+        sr = model_sample_rate(net)
+        corpus = corpus_on_every_rank(lambda: espnet_trial_corpus(iterator, sr) or batch_corpus(iterator, sr), world)
+        backend = EspnetSpeakerModel.from_model(
+            net if corpus.task_token is None else TaskTokenModel(net, corpus.task_token), sample_rate=sr)
+        opts = {"num_workers": 0, "progress": False, "min_duration": 0.0, **extra,
+                "output_format": ["npz"], "on_error": "raise", "max_batch_size": bs, "crops": corpus.crops,
+                "crop_duration": corpus.crop_duration, "average_crops": bool(average)}
+        executor = "torchrun" if world > 1 else "inprocess"
+        logger.info("extract_embed: %d unique utterances (%s, %s) on the %s executor, rank %d of %d",
+                    len(corpus.utts), corpus.source,
+                    f"{corpus.crops} crops of {corpus.crop_duration:g} s" if corpus.crops else "whole utterances",
+                    executor, rank, world)
+        with _torchrun_environment(rank, world) if world > 1 else contextlib.nullcontext():
+            summary = extract(corpus.utts, output_dir, model=backend, executor=executor, **opts)
+        if summary is None:  # ranks > 0: rank 0 merged before releasing them
+            summary = json.loads((Path(output_dir) / "summary.json").read_text(encoding="utf-8"))
+            mine = None
+        else:
+            mine = summary
+        worker = f"rank {rank} ({socket.gethostname()})" if world > 1 else default_worker_name()
+        me = summary.get("workers", {}).get(worker, {})
+        cls.last_extraction = {
+            "rank": rank, "world_size": world, "executor": executor, "source": corpus.source,
+            "n_utts": int(summary["utterances"]), "embedded": int(summary["embedded"]),
+            "crops": corpus.crops, "average": bool(average), "task_token": corpus.task_token,
+            "decoded": int(me.get("decoded", 0)), "computed": int(me.get("utterances", 0)),
+            "shards": list(me.get("shards", [])), "n_shards": int(summary["shards"]),
+            "shards_resumed": int(summary.get("shards_resumed", 0)),
+            "output": str(Path(output_dir) / MERGED_NAME), "summary": mine,
+        }  # fmt: skip
+        reporter.register(stats=dict(n_utts=cls.last_extraction["computed"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
