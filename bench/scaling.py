@@ -50,7 +50,8 @@ def breakdown(data: str, shard_duration: float) -> dict:
 
     from spk_toolkit.backends.base import load_model
     from spk_toolkit.data import bucket_batches, collate
-    from spk_toolkit.engine import ExtractOptions, _write_shard, make_shards
+    from spk_toolkit.engine import ExtractOptions, make_shards, write_shard
+    from spk_toolkit.engine.shards import ShardData
     from spk_toolkit.io.audio import read_audio
     from spk_toolkit.io.datadir import load_corpus, measure_durations
 
@@ -83,7 +84,9 @@ def breakdown(data: str, shard_duration: float) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     t = time.perf_counter()
     for k, s in enumerate(shards):
-        _write_shard(tmp, k, [utts[i].utt_id for i in s], [embs[i] for i in s], [], model.embed_dim, 0.0, 0.0)
+        kinds = {n: kd.as_dict() for n, kd in model.output_kinds().items()}
+        write_shard(tmp, ShardData(k, [utts[i].utt_id for i in s], {"embedding": [embs[i] for i in s]}, kinds, []),
+                    "bench", "bench")
     t_write = time.perf_counter() - t
     shutil.rmtree(tmp, ignore_errors=True)
     per = lambda x: x / audio  # noqa: E731

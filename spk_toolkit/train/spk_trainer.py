@@ -899,7 +899,7 @@ def build_valid_iterator(train_args, distributed_option: Optional[DistributedOpt
     distributed_option : DistributedOption, optional
         Default: not distributed (every trial).
     """
-    from spk_toolkit.tasks.spk import SpeakerTask
+    from espnet2.tasks.spk import SpeakerTask  # ESPnet's own: the iterator does not depend on the trainer
 
     dopt = distributed_option or DistributedOption(distributed=False)
     return SpeakerTask.build_iter_factory(args=train_args, distributed_option=dopt, mode="valid").build_iter(0)
@@ -923,9 +923,9 @@ def validate_checkpoint(config: str | os.PathLike, model_file: str | os.PathLike
     """
     from espnet2.train.reporter import Reporter
 
-    from spk_toolkit.tasks.spk import SpeakerTask
+    from spk_toolkit.backends.espnet.checkpoint import build_espnet_model
 
-    model, args = SpeakerTask.build_model_from_file(str(config), str(model_file), device)
+    model, args = build_espnet_model(str(config), str(model_file), device)  # ESPnet's loader + our checkpoint check
     reporter = Reporter()
     reporter.set_epoch(1)
     with reporter.observe("valid") as sub:
