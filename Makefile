@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DATA ?= data
 
-.PHONY: setup data demo test test-fast bench clean
+.PHONY: setup data demo test test-fast bench bench-compare clean
 
 setup:
 	@bash bin/setup_env.sh
@@ -23,6 +23,9 @@ test-fast: setup data
 bench: setup data  # the 2-core CPU command of docs/benchmarks.md (issue 2, criterion 6)
 	$(PY) bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml \
 	    --batch_bins 512000 --repeats 6 --model_streams 2 --num_workers 0
+
+bench-compare: setup data  # make bench's extraction, fe75245 (before the engine rewrite) vs this working tree (issue 14, criterion 7)
+	$(PY) bench/compare_revisions.py --repeats 6
 
 clean:
 	rm -rf exp .pytest_cache
