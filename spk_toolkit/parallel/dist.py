@@ -115,9 +115,17 @@ class TorchrunExecutor(Executor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         launch = torchrun_launch()
+        dist = _dist()
+        if dist.is_available() and dist.is_initialized():  # e.g. ESPnet's trainer (--dist_rank, SLURM launches)
+            rank, world = dist.get_rank(), dist.get_world_size()
+            if launch is not None and (launch["rank"], launch["world_size"]) != (rank, world):
+                raise ValueError(f"RANK/WORLD_SIZE {launch['rank']}/{launch['world_size']} disagree with the "
+                                 f"initialised process group (rank {rank} of {world})")
+            local = launch["local_rank"] if launch else int(os.environ.get("LOCAL_RANK", "0") or 0)
+            launch = {"rank": rank, "world_size": world, "local_rank": local}
         if launch is None:
-            raise ValueError("--executor torchrun needs a torchrun launch (RANK and WORLD_SIZE are not set): "
-                             "torchrun --nproc_per_node=N -m spk_toolkit.bin.spk_inference ...")
+            raise ValueError("--executor torchrun needs a torchrun launch (RANK and WORLD_SIZE are not set) or an "
+                             "initialised process group: torchrun --nproc_per_node=N -m spk_toolkit.bin.spk_inference")
         self.rank, self.world, self.local_rank = launch["rank"], launch["world_size"], launch["local_rank"]
         self.is_driver = self.rank == 0
         self.device = rank_device(self.model_kwargs.get("device", "cpu"), self.local_rank)

@@ -59,7 +59,6 @@ Policies (documented choices)
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -593,31 +592,6 @@ def corpus_on_every_rank(build, world: int) -> TrialCorpus:
     return dataclasses.replace(corpus, utts=[Utterance(u, paths[u]) for u in sorted(paths)])
 
 
-@contextlib.contextmanager
-def _torchrun_environment(rank: int, world: int):
-    """``RANK`` / ``WORLD_SIZE`` of the initialised process group for the engine's torchrun executor, restored after.
-
-    torchrun exports them; ESPnet's ``--dist_rank`` / SLURM launches initialise the process group without them.
-
-    Raises
-    ------
-    RuntimeError
-        They are set but disagree with the process group.
-    """
-    want = {"RANK": str(rank), "WORLD_SIZE": str(world)}
-    saved = {k: os.environ.get(k) for k in want}
-    bad = {k: v for k, v in saved.items() if v is not None and v != want[k]}
-    if bad:
-        raise RuntimeError(f"environment {bad} disagrees with the process group (rank {rank} of {world})")
-    os.environ.update(want)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the trainer
 
@@ -864,8 +838,8 @@ class SpkTrainer(Trainer):
                     len(corpus.utts), corpus.source,
                     f"{corpus.crops} crops of {corpus.crop_duration:g} s" if corpus.crops else "whole utterances",
                     executor, rank, world)
-        with _torchrun_environment(rank, world) if world > 1 else contextlib.nullcontext():
-            summary = extract(corpus.utts, output_dir, model=backend, executor=executor, **opts)
+        # the torchrun executor runs on the trainer's initialised process group (however ESPnet launched it)
+        summary = extract(corpus.utts, output_dir, model=backend, executor=executor, **opts)
         if summary is None:  # ranks > 0: rank 0 merged before releasing them
             summary = json.loads((Path(output_dir) / "summary.json").read_text(encoding="utf-8"))
             mine = None
