@@ -3,10 +3,16 @@
 Python API (heavy modules load on first use, so ``import spk_toolkit`` is fast)::
 
     import spk_toolkit
-    summary = spk_toolkit.extract_embeddings("data/fillets", "exp/fillets")         # resemblyzer, offline
+    e = spk_toolkit.embed_file("a.wav")                                            # (256,) float32, resemblyzer
+    r = spk_toolkit.verify("a.wav", "b.wav", threshold=0.75)                       # Verification(score, decision, ..)
+    E = spk_toolkit.embed_waveforms([w1, w2], sample_rate=22050)                   # resampled, VAD as the pipeline
+    summary = spk_toolkit.extract_embeddings("data/fillets", "exp/fillets")         # a whole corpus, resumable
     emb = spk_toolkit.load_embeddings("exp/fillets/embeddings.npz")                # {utt_id: (D,) float32}
     res = spk_toolkit.score_trials(emb, "data/fillets_trials.txt")                  # EER %, minDCF
     model = spk_toolkit.load_model("resemblyzer"); model.embed(wav, lengths)       # (B, T), (B,) -> (B, D)
+    spk_toolkit.metrics.eer(scores, labels); spk_toolkit.available_models()
+    spk_toolkit.cache_features("data/fillets", "exp/fbank", "fbank")              # offline feature cache (hdf5)
+    fbank = spk_toolkit.open_cache("exp/fbank"); fbank.read(utt_id, 100, 400)      # (300, 80) float32, partial read
 """
 from __future__ import annotations
 
@@ -25,13 +31,33 @@ _LAZY = {
     "ExtractionError": "spk_toolkit.engine",
     "ExtractOptions": "spk_toolkit.engine",
     "AudioLoadingError": "spk_toolkit.io.audio",
+    "embed_file": "spk_toolkit.api",
+    "embed_files": "spk_toolkit.api",
+    "embed_waveforms": "spk_toolkit.api",
+    "verify": "spk_toolkit.api",
+    "Verification": "spk_toolkit.api",
+    "get_model": "spk_toolkit.api",
+    "available_models": "spk_toolkit.api",
+    "resolve_model": "spk_toolkit.models",
+    "cache_features": "spk_toolkit.features.cache",
+    "open_cache": "spk_toolkit.features.cache",
+    "load_extractor": "spk_toolkit.features",
 }
+#: submodules reachable as attributes (``spk_toolkit.metrics.eer``) without importing them up front
+_SUBMODULES = ("api", "backends", "data", "engine", "features", "io", "metrics", "models", "parallel", "plot",
+               "scoring", "testing")
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"spk_toolkit.{name}")
     raise AttributeError(f"module 'spk_toolkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 def extract_embeddings(data, output_dir, toolkit: str = "resemblyzer", model=None, model_kwargs=None,
@@ -98,8 +124,9 @@ def score_trials(embeddings, trials, fmt: str = "auto", p_targets=(0.01, 0.05)) 
     Returns
     -------
     dict
-        ``{"trials", "n_trials", "n_target", "n_nontarget", "eer_pct", "min_dcf": {p_target: value}}``
-        (metrics only when the list is labelled).
+        ``{"trials", "n_trials", "scores", "n_target", "n_nontarget", "eer_pct", "min_dcf": {p_target: value}}``:
+        ``scores`` is the cosine score of every trial, float64 of shape (n_trials,), in list order; the metrics
+        only when the list is labelled with both target and nontarget trials.
 
     Raises
     ------
@@ -116,8 +143,8 @@ def score_trials(embeddings, trials, fmt: str = "auto", p_targets=(0.01, 0.05)) 
     emb = embeddings if isinstance(embeddings, dict) else load_embeddings(embeddings)
     tr = read_trials(trials, fmt=fmt)
     scores = cosine_score(emb, tr)
-    out = {"trials": str(trials), "n_trials": int(len(scores))}
-    if tr.labels is not None:
+    out = {"trials": str(trials), "n_trials": int(len(scores)), "scores": np.asarray(scores)}
+    if tr.labels is not None and 0 < int(np.count_nonzero(tr.labels)) < len(tr.labels):
         m = compute_metrics(np.asarray(scores), np.asarray(tr.labels), p_targets=p_targets)
         out.update(n_target=int(m["n_target"]), n_nontarget=int(m["n_nontarget"]), eer_pct=100.0 * m["eer"],
                    min_dcf={float(k): float(v) for k, v in m["min_dcf"].items()})

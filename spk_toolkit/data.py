@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from spk_toolkit.io.audio import AudioLoadingError, read_audio
+from spk_toolkit.io.audio import PIPE_TIMEOUT, AudioLoadingError, read_audio
 from spk_toolkit.io.datadir import Utterance
 
 Samples = int
@@ -34,6 +35,9 @@ class Batch:
         ``(dataset index, reason)`` of utterances of this batch that failed to load (not in ``wav``).
     tag : object
         Whatever the sampler attached (the engine puts the shard index here).
+    clipped : list of (int, float)
+        ``(dataset index, seconds decoded)`` of segments that ran past the end of their file and were clipped
+        (``segment_overrun="clip"``); the seconds are those before the backend's preparation.
     """
 
     wav: torch.Tensor
@@ -41,13 +45,15 @@ class Batch:
     indices: List[int]
     errors: List[tuple]
     tag: object = None
+    clipped: List[tuple] = dataclasses.field(default_factory=list)
 
 
 class UtteranceDataset(torch.utils.data.Dataset):
     """Decodes utterances to mono float32 at ``sample_rate`` and applies ``prepare``.
 
     ``__getitem__`` never raises for bad audio: it returns ``(index, None, reason)`` so one bad file costs one
-    ``errors.tsv`` line, not the batch.
+    ``errors.tsv`` line, not the batch; a good item is ``(index, wav, None)``, or ``(index, wav, None, seconds)``
+    for a segment clipped at the end of its file (``segment_overrun="clip"``).
 
     Parameters
     ----------
@@ -60,6 +66,11 @@ class UtteranceDataset(torch.utils.data.Dataset):
         Utterances shorter than this (after preparation) are errors.
     allow_pipes : bool
         Run ``cmd |`` entries of ``wav.scp``.
+    segment_overrun : {"error", "clip"}
+        A segment running past the end of its file is an error, or is clipped to what exists
+        (:func:`spk_toolkit.io.audio.read_audio`).
+    pipe_timeout : float
+        Seconds a pipe command may run.
     """
 
     def __init__(
@@ -69,12 +80,17 @@ class UtteranceDataset(torch.utils.data.Dataset):
         prepare: Optional[Callable[[np.ndarray], np.ndarray]] = None,
         min_samples: int = 1,
         allow_pipes: bool = False,
+        segment_overrun: str = "error",
+        pipe_timeout: float = PIPE_TIMEOUT,
     ):
         self.utts = utts
         self.sample_rate = sample_rate
         self.prepare = prepare
         self.min_samples = max(int(min_samples), 1)
         self.allow_pipes = allow_pipes
+        self.segment_overrun = segment_overrun
+        self.pipe_timeout = pipe_timeout
+        self._clipped: dict = {}  # thread id -> seconds decoded of the clipped segment that thread just loaded
         self.decoded = 0  # items this process decoded (counted per worker; see tests of rank-local decoding)
 
     def __len__(self) -> int:
@@ -83,13 +99,30 @@ class UtteranceDataset(torch.utils.data.Dataset):
     def load(self, i: int) -> np.ndarray:
         """Decode and prepare utterance ``i``.
 
+        Parameters
+        ----------
+        i : int
+
+        Returns
+        -------
+        np.ndarray of shape (T,), float32
+
         Raises
         ------
         AudioLoadingError
-            Unreadable or invalid audio, too short, or silent (every sample zero).
+            Unreadable or invalid audio, too short, or silent (every sample zero); see
+            :func:`spk_toolkit.io.audio.read_audio`.
         """
+        x, clipped = self._load(i)
+        if clipped is not None:  # read by __getitem__ in this thread (a dict: the dataset stays picklable)
+            self._clipped[threading.get_ident()] = clipped
+        return x
+
+    def _load(self, i: int):
+        """``(prepared wav, seconds decoded if the segment was clipped else None)``."""
         u = self.utts[i]
         self.decoded += 1
+        clipped = None
         if u.audio is not None:  # an in-memory utterance (Utterance.audio at Utterance.sample_rate)
             x = np.asarray(u.audio, dtype=np.float32).reshape(-1)
             if u.sample_rate != self.sample_rate:
@@ -99,7 +132,12 @@ class UtteranceDataset(torch.utils.data.Dataset):
             if not np.isfinite(x).all():
                 raise AudioLoadingError(u.path, "non-finite samples (NaN or Inf)")
         else:
-            x, _ = read_audio(u.path, self.sample_rate, u.start, u.end, allow_pipes=self.allow_pipes)
+            x, _ = read_audio(u.path, self.sample_rate, u.start, u.end, allow_pipes=self.allow_pipes,
+                              segment_overrun=self.segment_overrun, pipe_timeout=self.pipe_timeout)
+            if u.start is not None and u.end is not None and u.end > 0:
+                got = len(x) / self.sample_rate
+                if got < (u.end - u.start) - 0.002:  # only a clip makes it shorter (resampling: +-1 sample)
+                    clipped = got
         if len(x) < self.min_samples:
             raise AudioLoadingError(
                 u.path, f"too short: {len(x) / self.sample_rate:.3f} s < {self.min_samples / self.sample_rate:.3f} s"
@@ -112,13 +150,17 @@ class UtteranceDataset(torch.utils.data.Dataset):
                 raise AudioLoadingError(
                     u.path, f"too short after preparation (VAD): {len(x) / self.sample_rate:.3f} s"
                 )
-        return x
+        return x, clipped
 
     def __getitem__(self, i: int):
+        me = threading.get_ident()
+        self._clipped.pop(me, None)
         try:
-            return i, self.load(i), None
+            x = self.load(i)
         except AudioLoadingError as e:
             return i, None, e.reason
+        clipped = self._clipped.pop(me, None)
+        return (i, x, None) if clipped is None else (i, x, None, clipped)
 
 
 def bucket_batches(lengths: Sequence[int], batch_bins: Samples, max_batch_size: int = 0) -> List[List[int]]:
@@ -171,15 +213,28 @@ def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> f
 
 
 def collate(items: List[tuple], tag=None) -> Batch:
-    """Pad decoded items ``(index, wav (T,) or None, reason)`` into a :class:`Batch`."""
-    good = [(i, x) for i, x, err in items if x is not None]
-    errors = [(i, err) for i, x, err in items if x is None]
+    """Pad decoded items ``(index, wav (T,) or None, reason[, clipped_seconds])`` into a :class:`Batch`.
+
+    Parameters
+    ----------
+    items : list of tuple
+        What :class:`UtteranceDataset` returns per item.
+    tag : object
+        Attached to the batch.
+
+    Returns
+    -------
+    Batch
+    """
+    good = [(it[0], it[1]) for it in items if it[1] is not None]
+    errors = [(it[0], it[2]) for it in items if it[1] is None]
+    clipped = [(it[0], float(it[3])) for it in items if len(it) > 3 and it[1] is not None]
     lengths = torch.tensor([len(x) for _, x in good], dtype=torch.int64)
     T = int(lengths.max()) if len(good) else 0
     wav = torch.zeros(len(good), T, dtype=torch.float32)
     for row, (_, x) in enumerate(good):
         wav[row, : len(x)] = torch.from_numpy(x)
-    return Batch(wav, lengths, [i for i, _ in good], errors, tag)
+    return Batch(wav, lengths, [i for i, _ in good], errors, tag, clipped)
 
 
 class TaggedBatchDataset(torch.utils.data.Dataset):
@@ -203,6 +258,11 @@ class TaggedBatchDataset(torch.utils.data.Dataset):
 def _worker_init(_):
     # One thread per decoding worker, at lower CPU priority: decoding runs ahead of the model (prefetch), so it
     # should use the model's idle slack rather than preempt the model's threads on a small CPU box.
+    # Ctrl-C reaches the whole process group: the driver process handles it (stops at once, exit 130) and shuts
+    # its workers down, so a worker ignores SIGINT instead of dying with a traceback of its own.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     try:
         os.nice(5)

@@ -181,6 +181,14 @@ def cosine_score(
     return score_trials(embeddings, trials, mean=mean, root=root, on_missing=on_missing, block_size=block_size)
 
 
+def _check_top_n(top_n) -> None:
+    """``top_n`` must be None (S-norm) or an integer >= 1 (no silent truncation of 2.5, no 0 or -1)."""
+    if top_n is None:
+        return
+    if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1:
+        raise ValueError(f"top_n must be None (S-norm, the whole cohort) or an integer >= 1, got {top_n!r}")
+
+
 def cohort_stats(
     x: np.ndarray, cohort: np.ndarray, top_n: Optional[int], *, block_size: int = 4096
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +201,7 @@ def cohort_stats(
     cohort : ndarray of shape (n_cohort, D)
         Length-normalised cohort embeddings.
     top_n : int or None
-        Number of highest cohort scores kept per row; None or >= n_cohort keeps all (S-norm).
+        Number of highest cohort scores kept per row (an integer >= 1); None or >= n_cohort keeps all (S-norm).
     block_size : int, default=4096
         Rows per matrix product (memory ~ block_size * n_cohort * 8 bytes).
 
@@ -201,7 +209,13 @@ def cohort_stats(
     -------
     mean, std : ndarray of shape (n,)
         ``std`` is the population standard deviation (ddof=0, as WeSpeaker ``score_norm.py``).
+
+    Raises
+    ------
+    ValueError
+        ``top_n`` is neither None nor an integer >= 1.
     """
+    _check_top_n(top_n)
     n_c = cohort.shape[0]
     k = n_c if top_n is None or top_n >= n_c else int(top_n)
     mu = np.empty(x.shape[0])
@@ -252,7 +266,7 @@ def score_trials(
     cohort : mapping or ndarray of shape (n_cohort, D), optional
         Cohort embeddings (utterances or speaker means, e.g. from :func:`speaker_means`). None = plain cosine.
     top_n : int or None, default=300
-        AS-norm top-N; None = S-norm.
+        AS-norm top-N, an integer >= 1; None = S-norm (0, negative and non-integer values are refused).
     mean : ndarray of shape (D,), optional
         Subtracted from embeddings and cohort before length normalisation.
     root, on_missing : see :func:`spk_toolkit.io.trials.resolve_keys`
@@ -277,8 +291,10 @@ def score_trials(
     Raises
     ------
     MissingKeysError, ValueError
-        See :func:`cosine_score`; also an empty cohort or a cohort of another dimension.
+        See :func:`cosine_score`; also an empty cohort or a cohort of another dimension, or ``top_n`` neither None
+        nor an integer >= 1.
     """
+    _check_top_n(top_n)
     trials = _as_trials(trials)
     prep = _Prepared(embeddings, trials, mean, root, on_missing, dtype)
     if notes is not None:
@@ -413,6 +429,7 @@ def score(
     score_style: str = "kaldi",
     plots: bool = True,
     dtype: str = "float64",
+    duplicates: str = "keep",
     log=print,
 ) -> dict:
     """Score trial lists end to end (the library call behind ``spk_score``).
@@ -435,7 +452,7 @@ def score(
     cohort : str, optional
         Cohort embeddings; with ``cohort_utt2spk`` / ``cohort_spk2utt`` they are averaged per speaker first.
     asnorm_top_n : int or None, default=300
-        None or <= 0: S-norm over the whole cohort.
+        AS-norm top-N (an integer >= 1); None or 0 (the CLI's spelling): S-norm over the whole cohort.
     mean_embeddings : str, optional
         Embeddings whose mean is subtracted from everything before length normalisation.
     enroll_spk2utt : str, optional
@@ -449,6 +466,9 @@ def score(
     plots : bool, default=True
     dtype : {"float64", "float32"}, default="float64"
         Matrix precision for scoring; float32 is ~2x faster for AS-norm, scores within ~1e-5.
+    duplicates : {"keep", "drop"}, default="keep"
+        Trials repeating an earlier (enroll, test) pair: reported (count, examples; ``trial_notes`` in
+        ``metrics.json``) and kept, or dropped (:func:`spk_toolkit.io.trials.read_trials`).
 
     Returns
     -------
@@ -473,7 +493,17 @@ def score(
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     np_dtype = np.dtype(dtype)
+    # every trial list is read and checked before anything is loaded or written (a bad row names file:line)
+    lists = [read_trials(t, trials_format, duplicates=duplicates) for t in trials]
     os.makedirs(output_dir, exist_ok=True)
+    plots_skipped = None
+    if plots:
+        from spk_toolkit.plot import plotting_unavailable
+
+        plots_skipped = plotting_unavailable()
+        if plots_skipped:
+            log(f"plots skipped: {plots_skipped}")
+            plots = False
     emb = load_embeddings(embeddings, average_crops=True)
     log(f"embeddings: {len(emb)} from {embeddings}")
     if enroll_spk2utt:
@@ -490,7 +520,11 @@ def score(
         log(f"mean subtraction: mean of {len(ref)} embeddings from {mean_embeddings}")
     cohort_mat = None
     norm = "cosine"
-    top_n = None if (asnorm_top_n is None or asnorm_top_n <= 0) else int(asnorm_top_n)
+    if asnorm_top_n is not None and (isinstance(asnorm_top_n, bool) or not isinstance(asnorm_top_n, (int, np.integer))
+                                     or asnorm_top_n < 0):
+        raise ValueError(f"asnorm_top_n must be None or 0 (S-norm, the whole cohort) or an integer >= 1 (AS-norm "
+                         f"top-N), got {asnorm_top_n!r}")
+    top_n = None if not asnorm_top_n else int(asnorm_top_n)
     if cohort:
         cemb = load_embeddings(cohort, average_crops=True)
         if cohort_utt2spk or cohort_spk2utt:
@@ -505,10 +539,13 @@ def score(
             f" from {cohort}; normalisation {norm}")
     table = EmbeddingTable(emb, np_dtype)
     result = {"embeddings": str(embeddings), "normalisation": norm, "dtype": dtype, "trials": {}}
+    if plots_skipped:
+        result["plots_skipped"] = plots_skipped
     taken: set = set()
-    for tpath in trials:
-        tr = read_trials(tpath, trials_format)
+    for tpath, tr in zip(trials, lists):
         name = _unique_name(tr.name, taken)
+        for n in tr.notes:
+            log(f"[{name}] {n}")
         key_notes: list = []
         s, raw = score_trials(table, tr, cohort=cohort_mat, top_n=top_n, mean=mean, root=trials_root,
                               on_missing=missing, return_raw=True, dtype=np_dtype, notes=key_notes)
@@ -519,8 +556,17 @@ def score(
         # dropped trials (missing="drop") are left out of the score file rather than written as NaN
         write_scores(score_path, tr if ok.all() else tr.subset(ok), s if ok.all() else s[ok], style=score_style)
         entry = {"path": str(tpath), "format": tr.fmt, "n_trials": len(tr), "n_scored": int(ok.sum()),
-                 "key_notes": key_notes, "score_file": score_path}
-        if tr.labels is not None:
+                 "key_notes": key_notes, "trial_notes": list(tr.notes), "score_file": score_path}
+        n_tar = int(np.count_nonzero(tr.labels[ok])) if tr.labels is not None else 0
+        labelled = tr.labels is not None and 0 < n_tar < int(ok.sum())
+        if tr.labels is not None and not labelled:
+            entry["labels_note"] = (f"{n_tar} target and {int(ok.sum()) - n_tar} nontarget trials: EER and minDCF "
+                                    "need both")
+            log(f"[{name}] {entry['labels_note']}; scores only")
+        if not labelled:  # one pair, or a list to score rather than to evaluate: show its scores
+            entry["scores_head"] = [[str(e), str(t), float(v)] for e, t, v in
+                                    zip(tr.enroll[ok][:SCORES_SHOWN], tr.test[ok][:SCORES_SHOWN], s[ok][:SCORES_SHOWN])]
+        if labelled:
             m = M.compute_metrics(s[ok], tr.labels[ok], p_targets, eer_method=eer_method, with_cllr=cllr)
             entry.update(_metrics_json(m))
             if cohort_mat is not None:
@@ -529,7 +575,7 @@ def score(
             if plots:
                 from spk_toolkit.plot import plot_det, plot_score_histogram
 
-                p_miss, p_fa, _ = M.det_curve(s[ok], tr.labels[ok])
+                p_miss, p_fa, thr = M.det_curve(s[ok], tr.labels[ok])
                 curves = {norm: (p_miss, p_fa, m["eer"])}
                 if cohort_mat is not None:
                     rm, rf, _ = M.det_curve(raw[ok], tr.labels[ok])
@@ -537,20 +583,34 @@ def score(
                 entry["det_png"] = plot_det(curves, os.path.join(output_dir, f"{name}_det.png"), title=f"DET: {name}")
                 entry["hist_png"] = plot_score_histogram(
                     s[ok], tr.labels[ok], os.path.join(output_dir, f"{name}_hist.png"), title=f"Scores: {name}",
-                    thresholds={f"minDCF {p:g}": t for p, t in m["min_dcf_threshold"].items()},
+                    thresholds={"EER": _eer_threshold(p_miss, p_fa, thr),
+                                **{f"minDCF {p:g}": t for p, t in m["min_dcf_threshold"].items()}},
                 )
-        elif plots:
+        elif plots and int(ok.sum()) >= 10:  # a histogram of a few scores says nothing: they are printed
             from spk_toolkit.plot import plot_score_histogram
 
             entry["hist_png"] = plot_score_histogram(s[np.isfinite(s)], None,
                                                      os.path.join(output_dir, f"{name}_hist.png"), title=name)
         result["trials"][name] = entry
     mpath = os.path.join(output_dir, "metrics.json")
-    with open(mpath + ".tmp", "w") as f:
-        json.dump(result, f, indent=2, allow_nan=False)
-    os.replace(mpath + ".tmp", mpath)
+    from spk_toolkit.io.atomic import atomic_write_text
+    from spk_toolkit.io.preflight import naming
+
+    with naming(mpath):
+        atomic_write_text(mpath, json.dumps(result, indent=2, allow_nan=False))
     result["metrics_json"] = mpath
     return result
+
+
+#: trials of an unlabelled (or one-class) list shown by :func:`format_table`; every score is in the score file
+SCORES_SHOWN = 20
+
+
+def _eer_threshold(p_miss: np.ndarray, p_fa: np.ndarray, thresholds: np.ndarray) -> float:
+    """The score threshold of the first operating point where P_miss >= P_fa (the EER crossing)."""
+    i = int(np.argmax(p_miss <= p_fa)) if np.any(p_miss <= p_fa) else len(thresholds) - 1
+    t = float(thresholds[i])
+    return t if np.isfinite(t) else float(thresholds[min(i + 1, len(thresholds) - 1)])
 
 
 def _metrics_json(m: dict) -> dict:
@@ -575,9 +635,10 @@ def format_table(result: dict) -> str:
     """One-screen table of a :func:`score` result (EER in %)."""
     rows = []
     p_keys = None
+    listed = []
     for name, e in result["trials"].items():
         if "eer" not in e:
-            rows.append([name, str(e["n_trials"]), "-", "-", "(unlabelled)"])
+            listed.append((name, e))
             continue
         p_keys = p_keys or list(e["min_dcf"])
         r = [name, str(e["n_target"]), str(e["n_nontarget"]), f"{e['eer_pct']:.3f}"]
@@ -590,4 +651,17 @@ def format_table(result: dict) -> str:
         head += ["Cllr", "minCllr"]
     widths = [max(len(str(x)) for x in col) for col in zip(*([head] + [r + [""] * (len(head) - len(r)) for r in rows]))]
     fmt = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
-    return "\n".join([f"normalisation: {result['normalisation']}", fmt(head)] + [fmt(r) for r in rows])
+    lines = [f"normalisation: {result['normalisation']}"]
+    if rows:
+        lines += [fmt(head)] + [fmt(r) for r in rows]
+    for name, e in listed:
+        head_rows = e.get("scores_head", [])
+        why = e.get("labels_note", "unlabelled")
+        lines.append(f"{name}: {e['n_trials']} trial(s), {why}; scores"
+                     + (f" (first {len(head_rows)}; all in {e['score_file']})" if e["n_trials"] > len(head_rows)
+                        else f" (also in {e['score_file']})") + ":")
+        if head_rows:
+            we = max(len(r[0]) for r in head_rows)
+            wt = max(len(r[1]) for r in head_rows)
+            lines += [f"  {a:<{we}}  {b:<{wt}}  {v: .4f}" for a, b, v in head_rows]
+    return "\n".join(lines)

@@ -63,3 +63,20 @@ def bad_dir(tmp_path_factory, fillets_small):
     data.mkdir()
     (data / "wav.scp").write_text("\n".join(sorted(lines)) + "\n")
     return data, [u.utt_id for u in good]
+
+
+@pytest.fixture(autouse=True)
+def _no_speechbrain_lazy_placeholders():
+    """After each test, drop SpeechBrain's unloaded ``LazyModule`` placeholders from ``sys.modules``.
+
+    A test that imports speechbrain directly (the docs examples, the test model builders) leaves them there, and
+    hypothesis walks ``sys.modules`` reading ``__file__``, which makes a placeholder import an absent optional
+    dependency (``k2``) and fail unrelated property tests. The speechbrain backend does the same after its import.
+    """
+    yield
+    import sys
+
+    if "speechbrain" in sys.modules:
+        from spk_toolkit.backends.speechbrain import drop_unloaded_lazy_modules
+
+        drop_unloaded_lazy_modules()

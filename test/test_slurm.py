@@ -45,9 +45,13 @@ def slurm(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_dask_slurm_cluster_matches_in_process(slurm, fillets_small, tmp_path):
+def test_dask_slurm_cluster_matches_in_process(slurm, fillets_small, tmp_path, monkeypatch):
     from spk_toolkit import extract_embeddings
     from spk_toolkit.engine import extract
+
+    # the worker jobs inherit this environment: a CLI run earlier in the session may have quieted Dask's logging
+    # (spk_toolkit.bin.cli.setup_logging), and the check below reads the workers' "Start worker at" lines
+    monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "info")
 
     logs = tmp_path / "dask-worker-logs"
     parallel = {"env": "slurm", "n_workers": 2, "options": {

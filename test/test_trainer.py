@@ -42,10 +42,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(dump: Path, out: Path, config: str, nproc: int = 1) -> str:
-    """Run ``python -m spk_toolkit.bin.spk_train`` (under torchrun when nproc > 1); return its log."""
+def train(dump: Path, out: Path, config: str, nproc: int = 1, extra=()) -> str:
+    """Run ``python -m spk_toolkit.bin.spk_train`` (under torchrun when nproc > 1); return its log.
+
+    ``dump``: a directory with ``spk_train.args`` (:func:`prepare` or :func:`prepare_from_cache`).
+    """
     args = ["-m", "spk_toolkit.bin.spk_train", "--config", str(ROOT / "conf" / config), "--ngpu", "0",
-            "--output_dir", str(out), *train_args(dump)]  # fmt: skip
+            "--output_dir", str(out), *train_args(dump), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, *args]
@@ -165,3 +168,135 @@ def test_prepare_spk_train_script(fillets_small, tmp_path):
         assert e in valid and t in valid and e not in spk and t not in spk  # held-out utterances only
         assert label == str(int(valid[e] == valid[t]))
     assert "--spk_num=4" in (out / "spk_train.args").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 16 criterion 6: training from cached fbank equals training from audio with the same fbank
+
+
+@pytest.fixture(scope="module")
+def fbank_cache(dump, tmp_path_factory):
+    """kaldi_ark fbank cache (80 bins, float32) of every train + valid utterance of ``dump``, and its data options."""
+    import spk_toolkit
+    from spk_toolkit.io.datadir import load_corpus
+    from spk_toolkit.recipes.espnet_spk import prepare_from_cache
+
+    cache = tmp_path_factory.mktemp("fbank_cache")
+    utts = load_corpus(dump / "train") + load_corpus(dump / "valid")
+    spk_toolkit.cache_features(utts, cache, "fbank", {"num_mel_bins": 80}, output_format="kaldi_ark",
+                               progress=False)
+    s = prepare_from_cache(dump, cache)
+    assert s["n_train"] == 32 and s["n_trials"] == N_TRIALS
+    return cache, Path(s["out"])
+
+
+def test_frame_crops_of_audio_equal_cached_fbank_frames(dump, fbank_cache):
+    """spk_frames crops (same seed) of audio through kaldi_fbank == crops of the cached fbank, bit for bit."""
+    import random
+
+    import soundfile as sf
+    import torch
+
+    import spk_toolkit
+    from spk_toolkit.features.espnet import KaldiFbankFrontend, SpkFramePreprocessor
+
+    cache, _ = fbank_cache
+    fb = spk_toolkit.open_cache(cache)
+    wav = dict(ln.split(maxsplit=1) for ln in (dump / "train" / "wav.scp").read_text().splitlines())
+    fe = KaldiFbankFrontend(fs=16000, num_mel_bins=80)
+    kw = dict(target_duration=1.0, spk2utt=str(dump / "train" / "spk2utt"), num_eval=3)
+    pa, pf = SpkFramePreprocessor(True, input="audio", **kw), SpkFramePreprocessor(True, input="features", **kw)
+    va = SpkFramePreprocessor(False, input="audio", **{**kw, "spk2utt": None})
+    vf = SpkFramePreprocessor(False, input="features", **{**kw, "spk2utt": None})
+    assert pa.crop_frames == 100 and pa.crop_samples == 400 + 99 * 160
+    utt2spk = dict(ln.split() for ln in (dump / "train" / "utt2spk").read_text().splitlines())
+    for u in sorted(wav)[:6]:
+        audio = sf.read(wav[u], dtype="float32")[0]
+        feats = np.asarray(fb[u])
+        assert feats.dtype == np.float32 and feats.shape[0] == fe.fbank.num_frames(len(audio))
+        random.seed(u)
+        a = pa(u, {"speech": audio, "spk_labels": utt2spk[u]})["speech"]
+        random.seed(u)
+        f = pf(u, {"speech": feats, "spk_labels": utt2spk[u]})["speech"]
+        out, lens = fe(torch.from_numpy(a)[None], torch.tensor([len(a)]))
+        assert lens is None and out.shape == (1, 100, 80)
+        assert torch.equal(out[0], torch.from_numpy(f)), u  # exact: each frame depends on its own window only
+        a2 = va(u, {"speech": audio, "speech2": audio, "spk_labels": "1"})["speech"]
+        f2 = vf(u, {"speech": feats, "speech2": feats, "spk_labels": "1"})["speech"]
+        assert a2.shape == (3, 16240) and f2.shape == (3, 100, 80)
+        out2, _ = fe(torch.from_numpy(a2), torch.full((3,), a2.shape[1]))
+        assert torch.equal(out2, torch.from_numpy(f2)), u
+
+
+def test_embed_features_equals_frontend_path(dump, fbank_cache):
+    """A model without frontend embeds cached fbank exactly as its twin with kaldi_fbank embeds the audio,
+    whatever the batch (masked forward, also for whole utterances of different lengths)."""
+    import soundfile as sf
+    import torch
+    import yaml
+
+    import spk_toolkit
+    from spk_toolkit.backends.espnet import EspnetSpeakerModel
+    from spk_toolkit.tasks.spk import SpeakerTask
+
+    cache, _ = fbank_cache
+    fb = spk_toolkit.open_cache(cache)
+
+    def build(config):
+        conf = yaml.safe_load((ROOT / "conf" / config).read_text())
+        args = SpeakerTask.get_parser().parse_args(["--spk_num", "4"])
+        for k, v in conf.items():
+            setattr(args, k, v)
+        torch.manual_seed(0)
+        return SpeakerTask.build_model(args).eval()
+
+    audio_model, cached_model = build("train_xvector_fbank.yaml"), build("train_xvector_cached_fbank.yaml")
+    cached_model.load_state_dict(audio_model.state_dict())
+    a = EspnetSpeakerModel.from_model(audio_model)
+    c = EspnetSpeakerModel.from_model(cached_model)
+    assert a.batch_mode == "masked"
+    wav = dict(ln.split(maxsplit=1) for ln in (dump / "valid" / "wav.scp").read_text().splitlines())
+    utts = sorted(wav)[:4]
+    audios = [torch.from_numpy(sf.read(wav[u], dtype="float32")[0]) for u in utts]
+    feats = [torch.from_numpy(np.asarray(fb[u])) for u in utts]
+    wl = torch.tensor([len(x) for x in audios])
+    fl = torch.tensor([len(x) for x in feats])
+    ea = a.embed(torch.nn.utils.rnn.pad_sequence(audios, batch_first=True), wl)
+    ec = c.embed_features(torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), fl)
+    one = torch.cat([c.embed_features(f[None], torch.tensor([len(f)])) for f in feats])
+    assert torch.allclose(ea, ec, rtol=0, atol=1e-6), (ea - ec).abs().max()
+    assert torch.allclose(one, ec, rtol=0, atol=1e-6), (one - ec).abs().max()
+
+
+@pytest.mark.slow
+def test_one_epoch_from_cached_fbank_equals_audio(dump, fbank_cache, tmp_path):
+    """Issue 16 criterion 6: one ESPnet epoch from cached fbank (kaldi_ark, frontend: null) and one from audio through
+    the same Kaldi fbank (frontend: kaldi_fbank) register the same validation EER.
+
+    Both runs: seed 0, CPU, num_workers 0, crops on the fbank frame grid drawn by one ``random.random()`` per
+    utterance in the same order (spk_frames preprocessor), unsorted batches of the same keys. The features are
+    bit-equal (test above), so the runs do the same float operations: weights and scores agree to 1e-6 and the EER
+    (a function of the score ranking) is equal. The epoch is 120 steps (``--num_iters_per_epoch``): ESPnet's
+    natural epoch of these 32 utterances is 4 steps, after which BatchNorm's running statistics are still near their
+    initial values and every cosine score is ~0.99 (EER 50 % in both runs: equal, but telling nothing).
+    """
+    import torch
+
+    _, cache_dump = fbank_cache
+    extra = ["--num_iters_per_epoch", "120"]
+    exp_a, exp_c = tmp_path / "exp_audio", tmp_path / "exp_cached"
+    log_a = train(dump, exp_a, "train_xvector_fbank.yaml", extra=extra)
+    log_c = train(cache_dump, exp_c, "train_xvector_cached_fbank.yaml", extra=extra)
+    ra, rc = registered(exp_a), registered(exp_c)
+    assert sorted(epoch_results(log_a)) == sorted(epoch_results(log_c)) == [1]
+    eer_a, eer_c = ra.get_value("valid", "eer", 1), rc.get_value("valid", "eer", 1)
+    print(f"valid EER from audio {eer_a:.6f} %, from cached fbank {eer_c:.6f} %")
+    assert 0 < eer_a < 45  # an informative EER, not the 50 % of an untrained model
+    assert eer_c == pytest.approx(eer_a, abs=1e-6)
+    for k in ("mindcf", "mindcf_p01", "trg_mean", "trg_std", "nontrg_mean", "nontrg_std", "n_trials"):
+        assert rc.get_value("valid", k, 1) == pytest.approx(ra.get_value("valid", k, 1), abs=1e-6), k
+    assert rc.get_value("train", "loss", 1) == pytest.approx(ra.get_value("train", "loss", 1), abs=1e-6)
+    wa = torch.load(exp_a / "1epoch.pth", map_location="cpu")
+    wc = torch.load(exp_c / "1epoch.pth", map_location="cpu")
+    assert set(wa) == set(wc)
+    assert max(float((wa[k].double() - wc[k].double()).abs().max()) for k in wa if wa[k].numel()) <= 1e-6

@@ -37,7 +37,9 @@ def get_parser():
     from espnet2.bin.spk_embed_extract import get_parser as espnet_parser
 
     parser = espnet_parser()
-    parser.add_argument("--shard_duration", type=float, default=600.0,
+    from spk_toolkit.bin.cli import option_type
+
+    parser.add_argument("--shard_duration", type=option_type("shard_duration"), default=600.0,
                         help="seconds of audio per shard of the engine (the unit of work of a rank and of resume)")
     return parser
 
@@ -119,7 +121,16 @@ def run(args: argparse.Namespace) -> Path | None:
 
 
 def main(cmd=None):
-    """Entry point (``cmd``: argument list, default ``sys.argv[1:]``)."""
+    """Entry point (``cmd``: argument list, default ``sys.argv[1:]``); returns the exit status.
+
+    ``-h/--help`` prints the options most runs need (fast, ESPnet not imported); ``--help_espnet`` ESPnet's full list.
+    """
+    from spk_toolkit.bin.espnet_help import SPK_EMBED_EXTRACT, help_or_argv, require_espnet
+
+    cmd = help_or_argv("spk_embed_extract", __doc__.split("\n\n")[0], SPK_EMBED_EXTRACT, cmd)
+    if cmd is None:
+        return 0
+    require_espnet("spk_embed_extract")
     from espnet2.train.distributed_utils import resolve_distributed_mode
 
     args = get_parser().parse_args(cmd)
@@ -127,11 +138,18 @@ def main(cmd=None):
     if args.distributed and args.multiprocessing_distributed:
         sys.exit("spk_embed_extract: --multiprocessing_distributed is not supported; launch with "
                  "torchrun --nproc_per_node=N -m spk_toolkit.bin.spk_embed_extract ...")
+    from spk_toolkit.bin.cli import run_cli
     from spk_toolkit.parallel.dist import process_group_teardown
 
-    with process_group_teardown():
-        run(args)
+    def body() -> int:
+        with process_group_teardown():
+            run(args)
+        return 0
+
+    # exit codes of spk_toolkit.bin.cli.EXIT_CODES; the traceback of an expected failure with --log_level DEBUG
+    return run_cli("spk_embed_extract", body, verbose=int(str(args.log_level).upper() == "DEBUG"),
+                   output_dir=args.output_dir)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,20 +17,41 @@ Two CPU processes (gloo)::
 
     torchrun --nproc_per_node=2 -m spk_toolkit.bin.spk_train --dist_backend gloo --ngpu 0 ... (same options)
 """
-from spk_toolkit.parallel.dist import process_group_teardown
-from spk_toolkit.tasks.spk import SpeakerTask
+import sys
+
+from spk_toolkit.bin.espnet_help import SPK_TRAIN, help_or_argv, require_espnet
 
 
 def get_parser():
-    """ESPnet's SpeakerTask parser."""
+    """ESPnet's SpeakerTask parser (imports ESPnet: slow)."""
+    from spk_toolkit.tasks.spk import SpeakerTask
+
     return SpeakerTask.get_parser()
 
 
 def main(cmd=None):
-    """Run training (``cmd``: list of arguments, default ``sys.argv[1:]``)."""
-    with process_group_teardown():
-        SpeakerTask.main(cmd=cmd)
+    """Run training (``cmd``: list of arguments, default ``sys.argv[1:]``).
+
+    ``-h/--help`` prints the options most runs need (fast, ESPnet not imported); ``--help_espnet`` ESPnet's full list.
+    """
+    cmd = help_or_argv("spk_train", __doc__.split("\n\n")[0], SPK_TRAIN, cmd)
+    if cmd is None:
+        return 0
+    require_espnet("spk_train")
+    from spk_toolkit.parallel.dist import process_group_teardown
+    from spk_toolkit.tasks.spk import SpeakerTask
+
+    from spk_toolkit.bin.cli import run_cli
+
+    def body() -> int:
+        with process_group_teardown():
+            SpeakerTask.main(cmd=cmd)
+        return 0
+
+    # exit codes of spk_toolkit.bin.cli.EXIT_CODES (a bad checkpoint or config: 2, a full disk: 3, Ctrl-C: 130);
+    # ESPnet's own failures keep their traceback
+    return run_cli("spk_train", body, verbose=int("--log_level DEBUG" in " ".join(cmd or [])))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,13 +10,29 @@ One driver (:func:`extract`, in :mod:`spk_toolkit.engine.driver`) for every entr
 
 Executors (in-process, torchrun, Dask) are in :mod:`spk_toolkit.parallel`; docs/architecture.md has the picture.
 """
-from spk_toolkit.engine.driver import extract, verify_finished
-from spk_toolkit.engine.merge import format_summary, merge, remove_run
-from spk_toolkit.engine.options import ErrorPolicy, ExtractionError, ExtractOptions
-from spk_toolkit.engine.plan import Plan, make_shards, prepare_run
-from spk_toolkit.engine.run import ShardReport, plan_batches, run_shards, stream_threads
-from spk_toolkit.engine.shards import ShardInvalid, read_shard, shard_path, write_shard
+import importlib
 
-__all__ = ["extract", "verify_finished", "format_summary", "merge", "remove_run", "ErrorPolicy", "ExtractionError",
-           "ExtractOptions", "Plan", "make_shards", "prepare_run", "ShardReport", "plan_batches", "run_shards",
-           "stream_threads", "ShardInvalid", "read_shard", "shard_path", "write_shard"]
+# name -> submodule; imported on first use, so `from spk_toolkit.engine import ExtractOptions` (a CLI's --help)
+# does not import torch
+_EXPORTS = {
+    "extract": "driver", "verify_finished": "driver",
+    "format_summary": "merge", "merge": "merge", "remove_run": "merge",
+    "ErrorPolicy": "options", "ExtractionError": "options", "ExtractOptions": "options",
+    "Plan": "plan", "make_shards": "plan", "prepare_run": "plan",
+    "ShardReport": "run", "plan_batches": "run", "run_shards": "run", "stream_threads": "run",
+    "ShardInvalid": "shards", "read_shard": "shards", "shard_path": "shards", "write_shard": "shards",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"spk_toolkit.engine.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'spk_toolkit.engine' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

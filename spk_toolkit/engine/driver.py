@@ -27,6 +27,7 @@ from spk_toolkit.engine.plan import Plan, prepare_run, read_corpus
 from spk_toolkit.engine.shards import ShardInvalid, read_shard, shard_path
 from spk_toolkit.io.datadir import Utterance
 from spk_toolkit.io.lock import OutputDirLocked, output_dir_lock
+from spk_toolkit.io.preflight import check_output_dir, estimate_output_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,14 @@ def extract(
         ``on_error="raise"`` met a bad utterance; more than ``max_errors`` failed (resumed shards and header
         refusals count); the output directory holds another run's plan or is in use by another run; a worker
         failed. Finished shards stay on disk for a rerun.
+    ValueError
+        An option out of range (:class:`ExtractOptions`, before the corpus is read).
+    OSError
+        The output directory is not a directory, cannot be created, is not writable or lacks the space the
+        outputs need (checked before the model loads, :func:`spk_toolkit.io.preflight.check_output_dir`); or a
+        later write failed (``filename`` names the file). No temporary file is left; a rerun resumes.
+    KeyboardInterrupt
+        Ctrl-C: the shards committed so far stay on disk, so a rerun resumes.
     """
     from spk_toolkit.parallel import make_executor
 
@@ -172,6 +181,8 @@ def extract(
         with ex:
             ex.serve(utts, out, opts)
         return None
+    # the output side, before the model loads: a directory (or creatable), writable, with room for the outputs
+    check_output_dir(out, estimate_output_bytes(len(utts), len(opts.output_format)))
     try:  # one run per output directory; taken before the model is loaded, so a second run refuses at once
         lock = output_dir_lock(out, opts.lock_timeout)
         lock.__enter__()
@@ -202,6 +213,9 @@ def _drive(ex, data, out: Path, opts: ExtractOptions, t0: float) -> dict:
     for k in sorted(done):
         acct.policy.record_many([tuple(e) for e in done[k]])
     todo = [k for k in range(len(plan.shards)) if k not in done]
+    logger.info("model %s; %d utterances in %d shard(s) of ~%g s: %d finished and verified, %d to run (%s executor)",
+                model_info.get("toolkit"), len(plan.utts), len(plan.shards), opts.shard_duration, len(done),
+                len(todo), ex.name)
     acct.start_progress(todo)
     try:
         for rep in ex.run(plan, todo, out, opts, on_progress=acct.progress):

@@ -20,6 +20,7 @@ from spk_toolkit.engine.plan import PLAN_NAME, Plan
 from spk_toolkit.engine.shards import ShardInvalid, read_shard, shard_path
 from spk_toolkit.io.atomic import atomic_write_text, is_temporary
 from spk_toolkit.io.datadir import spk2utt_from
+from spk_toolkit.io.preflight import naming
 from spk_toolkit.io.writers import get_writer
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,60 @@ def remove_run(out: Path) -> List[str]:
     return removed
 
 
+def errors_tsv(records) -> str:
+    """The text of ``errors.tsv``: a header and one ``utt_id<TAB>path<TAB>reason`` row per record.
+
+    Written with the :mod:`csv` module (TAB delimiter, ``\n`` line ends, minimal quoting), so a path holding a
+    TAB, a newline or a double quote is quoted and every row has exactly three columns; read it back with
+    :func:`read_errors_tsv` (or ``csv.reader(f, delimiter="\t")``). Whitespace runs in a reason become one space.
+
+    Parameters
+    ----------
+    records : iterable of (utt_id, path, reason)
+
+    Returns
+    -------
+    str
+    """
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    w.writerow(["utt_id", "path", "reason"])
+    for uid, path, reason in records:
+        w.writerow([uid, path, " ".join(str(reason).split())])
+    return buf.getvalue()
+
+
+def read_errors_tsv(path) -> List[tuple]:
+    """Rows of an ``errors.tsv`` written by :func:`errors_tsv`: ``[(utt_id, path, reason), ...]``.
+
+    Parameters
+    ----------
+    path : path-like
+
+    Returns
+    -------
+    list of (str, str, str)
+
+    Raises
+    ------
+    ValueError
+        A row without exactly three columns (names file and row).
+    OSError
+        The file cannot be read.
+    """
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    for n, r in enumerate(rows[1:], 2):
+        if len(r) != 3:
+            raise ValueError(f"{path}: row {n} has {len(r)} columns, expected utt_id, path, reason")
+    return [tuple(r) for r in rows[1:]]
+
+
 def _spill_path(out: Path, name: str) -> Path:
     return out / f".merge-{name}.tmp{os.getpid()}.bin"
 
@@ -107,7 +162,7 @@ def merge(plan: Plan, output_dir, opts: ExtractOptions, extra_summary: Optional[
     kinds: Dict[str, dict] = {}
     spills: Dict[str, object] = {}
     offsets: Dict[str, List[int]] = {}
-    audio_s, shard_wall, workers = 0.0, [], {}
+    audio_s, shard_wall, workers, clipped = 0.0, [], {}, 0
     try:
         for k in range(len(plan.shards)):
             p = shard_path(out, k)
@@ -125,26 +180,29 @@ def merge(plan: Plan, output_dir, opts: ExtractOptions, extra_summary: Optional[
                 if name not in spills:
                     spills[name] = open(_spill_path(out, name), "wb")
                     offsets[name], lengths[name] = [], []
-            for row, key in enumerate(sd.keys):
-                if key in index or key in errors:
-                    raise ExtractionError(f"utterance {key!r} appears twice (shard {k})")
-                index[key] = len(index)
-                for name in kinds:
-                    a = np.ascontiguousarray(sd.outputs[name][row], dtype=np.dtype(kinds[name]["dtype"]))
-                    f = spills[name]
-                    offsets[name].append(f.tell())
-                    f.write(a.tobytes())
-                    lengths[name].append(len(a) if kinds[name]["kind"] == "sequence" else 1)
+            with naming(out):  # the spill files are temporaries in out: name the directory
+                for row, key in enumerate(sd.keys):
+                    if key in index or key in errors:
+                        raise ExtractionError(f"utterance {key!r} appears twice (shard {k})")
+                    index[key] = len(index)
+                    for name in kinds:
+                        a = np.ascontiguousarray(sd.outputs[name][row], dtype=np.dtype(kinds[name]["dtype"]))
+                        f = spills[name]
+                        offsets[name].append(f.tell())
+                        f.write(a.tobytes())
+                        lengths[name].append(len(a) if kinds[name]["kind"] == "sequence" else 1)
             for key, path, reason in sd.errors:
                 if key in index or key in errors:
                     raise ExtractionError(f"utterance {key!r} appears twice (shard {k})")
                 errors[key] = (key, path, reason)
             audio_s += sd.audio_seconds
+            clipped += len(sd.clipped)
             shard_wall.append(sd.wall)
             workers.setdefault(sd.worker, 0)
             workers[sd.worker] += 1
-        for f in spills.values():
-            f.close()
+        with naming(out):
+            for f in spills.values():
+                f.close()
         lost = [u.utt_id for u in plan.utts if u.utt_id not in index and u.utt_id not in errors]
         if lost:
             raise ExtractionError(f"{len(lost)} utterance(s) neither embedded nor in errors.tsv, e.g. {lost[:5]}")
@@ -166,7 +224,8 @@ def merge(plan: Plan, output_dir, opts: ExtractOptions, extra_summary: Optional[
 
             by_name[name] = {}
             for fmt in opts.output_format:
-                with get_writer(fmt)(out, output_stem(name)) as w:
+                with naming(get_writer(fmt).output_path(out, output_stem(name))), \
+                        get_writer(fmt)(out, output_stem(name), **opts.writer_options.get(fmt, {})) as w:
                     for key in order:
                         w.write(key, row_of(key))
                 by_name[name][fmt] = str(w.path)
@@ -174,7 +233,7 @@ def merge(plan: Plan, output_dir, opts: ExtractOptions, extra_summary: Optional[
                     outputs[fmt] = str(w.path)
             spk2utt = spk2utt_from(u for u in plan.utts if u.utt_id in index)
             if name == EMBEDDING and kind["kind"] == "vector" and spk2utt:
-                with get_writer("npz")(out, "spk_embeddings") as w:
+                with naming(out / "spk_embeddings.npz"), get_writer("npz")(out, "spk_embeddings") as w:
                     for spk, keys in spk2utt.items():
                         mean = np.mean(np.stack([row_of(k).astype(np.float64) for k in keys]), axis=0)
                         w.write(spk, mean.astype(np.float32))
@@ -185,8 +244,8 @@ def merge(plan: Plan, output_dir, opts: ExtractOptions, extra_summary: Optional[
             f.close()
             _spill_path(out, name).unlink(missing_ok=True)
     err_lines = [errors[u.utt_id] for u in plan.utts if u.utt_id in errors]
-    atomic_write_text(out / "errors.tsv", "utt_id\tpath\treason\n" + "".join(
-        f"{a}\t{b}\t{' '.join(c.split())}\n" for a, b, c in err_lines))
+    with naming(out / "errors.tsv"):
+        atomic_write_text(out / "errors.tsv", errors_tsv(err_lines))
     outputs["errors"] = str(out / "errors.tsv")
     emb_kind = kinds.get(EMBEDDING) or plan.model_info.get("outputs", {}).get(EMBEDDING)
     dim = int(emb_kind["shape"][-1]) if emb_kind and emb_kind.get("shape") else int(plan.model_info.get("embed_dim", 0))
@@ -194,6 +253,7 @@ def merge(plan: Plan, output_dir, opts: ExtractOptions, extra_summary: Optional[
     summary = {
         "utterances": len(plan.utts), "embedded": len(index), "errors": len(err_lines),
         "speakers": len(spk2utt), "audio_hours": audio_s / 3600.0, "embedding_dim": dim,
+        "segments_clipped": clipped,
         "model": plan.model_info, "kinds": kinds, "shards": len(plan.shards),
         "shard_wall_seconds_mean": float(np.mean(shard_wall)) if shard_wall else 0.0,
         "output_formats": opts.output_format, "outputs": outputs, "outputs_by_name": by_name,
@@ -205,12 +265,24 @@ def merge(plan: Plan, output_dir, opts: ExtractOptions, extra_summary: Optional[
         computed = summary.get("computed_audio_seconds", audio_s)
         summary["throughput_x_realtime"] = computed / summary["wall_seconds"]
         summary["utterances_per_second"] = summary.get("computed_utterances", len(index)) / summary["wall_seconds"]
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    with naming(out / "summary.json"):
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     sdir = out / "shards"
     for stale in (list(sdir.iterdir()) if sdir.is_dir() else []) + list(out.iterdir()):
         if is_temporary(stale.name):  # partial files of killed runs (never read)
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     return summary
+
+
+def _model_line(summary: dict) -> str:
+    """``resemblyzer (dim 256)``, or for a feature extractor ``fbank (fbank: sequence float32 (T', 80))``."""
+    name = summary["model"].get("toolkit")
+    if summary.get("embedding_dim"):
+        return f"{name} (dim {summary['embedding_dim']})"
+    outs = [f"{n}: {k.get('kind')} {k.get('dtype')} ("
+            + ", ".join((["T'"] if k.get("kind") == "sequence" else []) + [str(d) for d in k.get("shape", [])]) + ")"
+            for n, k in summary.get("kinds", {}).items()]
+    return f"{name} ({'; '.join(outs)})" if outs else str(name)
 
 
 def format_summary(summary: dict) -> str:
@@ -222,18 +294,29 @@ def format_summary(summary: dict) -> str:
         + (f", see {summary['outputs']['errors']})" if summary["errors"] else ")"),
         f"speakers   : {summary['speakers']}",
         f"audio      : {hf.format_timespan(summary['audio_hours'] * 3600)}",
-        f"model      : {summary['model'].get('toolkit')} (dim {summary['embedding_dim']})",
+        f"model      : {_model_line(summary)}",
     ]
+    # what this run did, apart from what a previous run had finished (shards verified and reused)
+    computed = summary.get("computed_utterances")
+    resumed = summary.get("shards_resumed", 0)
+    if computed is not None:
+        lines.append(f"this run   : {computed} embedded ({hf.format_timespan(summary.get('computed_audio_seconds', 0))}"
+                     f" of audio) in {summary.get('shards_run', 0)} shard(s)"
+                     + (f"; {resumed} shard(s) resumed from a previous run" if resumed else ""))
     if summary.get("wall_seconds"):
-        lines.append(f"wall time  : {hf.format_timespan(summary['wall_seconds'])} "
-                     f"({summary.get('throughput_x_realtime', 0):.1f}x real time, "
-                     f"{summary.get('utterances_per_second', 0):.1f} utt/s)")
+        speed = (f"{summary.get('throughput_x_realtime', 0):.1f}x real time, "
+                 f"{summary.get('utterances_per_second', 0):.1f} utt/s" if computed is None or computed > 0
+                 else "nothing left to embed")
+        lines.append(f"wall time  : {hf.format_timespan(summary['wall_seconds'])} ({speed})")
     ex = summary.get("executor")
     if ex:
         lines.append(f"executor   : {ex} (world size {summary.get('world_size', 1)})")
-    lines.append(f"shards     : {summary['shards']} ({summary.get('shards_resumed', 0)} resumed from a previous run"
+    lines.append(f"shards     : {summary['shards']} ({resumed} resumed from a previous run"
                  + (f", {summary['shards_recomputed']} recomputed" if summary.get("shards_recomputed") else "")
                  + ")")
+    if summary.get("segments_clipped"):
+        lines.append(f"clipped    : {summary['segments_clipped']} segment(s) ran past the end of their file; embedded "
+                     "what exists (--segment_overrun clip)")
     for k, v in summary["outputs"].items():
         lines.append(f"{k:<11}: {v}")
     return "\n".join(lines)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
+
+from spk_toolkit.io.audio import DEFAULT_MIN_DURATION
 from spk_toolkit.io.writers import parse_formats
 
 
@@ -69,6 +72,27 @@ class ExtractOptions:
     lock_timeout : float
         Seconds to wait for another run holding ``output_dir`` (0 = refuse at once, the default; -1 = wait
         for as long as it takes).
+    segment_overrun : {"error", "clip"}
+        A ``segments`` entry whose end lies past the end of its file: ``error`` (default: the utterance is
+        an error, ``errors.tsv`` says by how much) or ``clip`` (embed the part that exists; the summary counts
+        it under ``segments_clipped`` and its audio as what was really embedded).
+    header_timeout : float
+        Seconds one audio header read of the planning pass may take (a hung network file system); the
+        utterance is then an error (``header read timed out``). Special files are refused without being opened.
+    pipe_timeout : float
+        Seconds a ``wav.scp`` pipe command may run before it is killed with everything it started.
+    max_chunk_duration : float
+        0 (default) = every utterance goes through the model whole. ``S > 0``: an utterance longer than ``S``
+        seconds is cut into ``ceil(T / S)`` equal consecutive chunks, each embedded on its own (in forwards of at
+        most ``batch_bins`` samples), and its vector outputs are the length-weighted mean of the chunk outputs.
+        This bounds the model's activation memory for very long recordings (an ESPnet encoder holds
+        ``channels x frames`` activations per layer: gigabytes for an hour), at the price of changing the
+        embedding of long utterances: it is no longer the model's own pooling over the whole utterance. Not
+        needed for resemblyzer (its partial windows are already bounded). Vector outputs only.
+    writer_options : dict
+        ``format -> {option: value}`` passed to that format's writer at merge, e.g. ``{"hdf5": {"compression":
+        "lzf"}}`` (:meth:`spk_toolkit.io.storage.Writer.check_options` validates them before any work). They
+        change how outputs are stored, not their values, so they are not part of the fingerprints.
     """
 
     batch_bins: int = 16000 * 240
@@ -76,7 +100,7 @@ class ExtractOptions:
     output_format: List[str] = dataclasses.field(default_factory=lambda: ["npz"])
     on_error: str = "skip"
     max_errors: int = -1
-    min_duration: float = 0.1
+    min_duration: float = DEFAULT_MIN_DURATION
     allow_pipes: bool = False
     shard_duration: float = 600.0
     overwrite: bool = False
@@ -88,9 +112,15 @@ class ExtractOptions:
     average_crops: bool = True
     max_batch_size: int = 0
     lock_timeout: float = 0.0
+    segment_overrun: str = "error"
+    header_timeout: float = 30.0
+    pipe_timeout: float = 600.0
+    max_chunk_duration: float = 0.0
+    writer_options: Dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.output_format = parse_formats(self.output_format)
+        self.writer_options = _check_writer_options(self.writer_options, self.output_format)
         if self.on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
         _check_int("batch_bins", self.batch_bins, 1)
@@ -103,8 +133,44 @@ class ExtractOptions:
         _check_float("min_duration", self.min_duration, 0.0, strict=False)
         _check_float("shard_duration", self.shard_duration, 0.0, strict=True)
         _check_float("crop_duration", self.crop_duration, 0.0, strict=True)
-        if not (self.lock_timeout == -1 or (math.isfinite(self.lock_timeout) and self.lock_timeout >= 0)):
+        _check_float("lock_timeout", self.lock_timeout, -1.0, strict=False)
+        if not (self.lock_timeout == -1 or self.lock_timeout >= 0):
             raise ValueError(f"lock_timeout must be >= 0 s or -1 (wait), got {self.lock_timeout}")
+        if self.segment_overrun not in ("error", "clip"):
+            raise ValueError(f"segment_overrun must be 'error' or 'clip', got {self.segment_overrun!r}")
+        _check_float("header_timeout", self.header_timeout, 0.0, strict=True)
+        _check_float("pipe_timeout", self.pipe_timeout, 0.0, strict=True)
+        _check_float("max_chunk_duration", self.max_chunk_duration, 0.0, strict=False)
+        if self.max_chunk_duration and self.crops:
+            raise ValueError("max_chunk_duration and crops cannot be combined (crops are already bounded)")
+
+    @classmethod
+    def check(cls, name: str, value):
+        """Validate one option the way a full :class:`ExtractOptions` does; returns the value as stored.
+
+        The command-line parsers use it as argparse ``type`` (:func:`spk_toolkit.bin.cli.option_type`), so every
+        range lives here once.
+
+        Parameters
+        ----------
+        name : str
+            A field name.
+        value
+            The value (already converted to the field's type).
+
+        Returns
+        -------
+        object
+            The field after ``__post_init__`` (e.g. ``output_format`` as a list of registry names).
+
+        Raises
+        ------
+        ValueError
+            ``value`` is out of range for ``name`` (the message names the option), or ``name`` is no field.
+        """
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            raise ValueError(f"{name!r} is not an extraction option")
+        return getattr(cls(**{name: value}), name)
 
     def output_affecting(self) -> dict:
         """The options that change what is stored for an utterance (part of every shard's fingerprint).
@@ -113,18 +179,54 @@ class ExtractOptions:
         depend on the batch (DESIGN.md property 1).
         """
         d = {"min_duration": float(self.min_duration), "allow_pipes": bool(self.allow_pipes)}
+        if self.segment_overrun != "error":  # absent at the default: plans of earlier versions stay valid
+            d["segment_overrun"] = self.segment_overrun
+        if self.max_chunk_duration:
+            d["max_chunk_duration"] = float(self.max_chunk_duration)
         if self.crops:
             d.update(crops=int(self.crops), crop_duration=float(self.crop_duration),
                      average_crops=bool(self.average_crops))
         return d
 
 
+def _check_writer_options(spec, formats: List[str]) -> Dict[str, dict]:
+    """``writer_options`` with format names resolved and every option checked by its writer.
+
+    Raises
+    ------
+    ValueError
+        Not a mapping of mappings, a format that is not in ``output_format``, or an option its writer rejects
+        (named).
+    """
+    from spk_toolkit.io.storage import get_writer
+
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"writer_options must map format names to option mappings, got {spec!r}")
+    out: Dict[str, dict] = {}
+    for fmt, kw in spec.items():
+        cls = get_writer(str(fmt))
+        if kw is None:
+            kw = {}
+        if not isinstance(kw, Mapping):
+            raise ValueError(f"writer_options[{fmt!r}] must be a mapping of writer options, got {kw!r}")
+        if cls.name not in formats:
+            raise ValueError(f"writer_options given for {cls.name}, which is not an output format "
+                             f"({', '.join(formats)})")
+        cls.check_options(**dict(kw))
+        out[cls.name] = dict(kw)
+    return out
+
+
 def _check_int(name: str, v, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
 
 
 def _check_float(name: str, v, lo: float, strict: bool) -> None:
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be a number, got {v!r}")
     try:
         f = float(v)
     except (TypeError, ValueError):

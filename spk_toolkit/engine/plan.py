@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 
 from spk_toolkit.engine.options import ExtractionError, ExtractOptions
 from spk_toolkit.io.atomic import atomic_write_text
+from spk_toolkit.io.preflight import naming
 from spk_toolkit.io.audio import is_pipe
 from spk_toolkit.io.datadir import CorpusError, Utterance, load_corpus, measure_durations
 
@@ -141,22 +143,90 @@ def make_shards(durations: Sequence[float], shard_duration: float) -> List[List[
 
 
 def read_corpus(data) -> List[Utterance]:
-    """The corpus as records, with unique ids checked.
+    """The corpus as records, every field checked (files by :func:`spk_toolkit.io.datadir.load_corpus`, records
+    given in memory here): no model is loaded and nothing is written before this passes.
+
+    Parameters
+    ----------
+    data : path or sequence of Utterance
+
+    Returns
+    -------
+    list of Utterance
 
     Raises
     ------
     CorpusError
-        No utterances, or a duplicate utterance id (both named).
+        No utterances; a duplicate utterance id; an id that is empty or holds whitespace; a segment start, end
+        or duration that is not a finite number >= 0 (end -1 = end of file), or ``start >= end`` (all named).
     """
     utts = list(data) if not isinstance(data, (str, os.PathLike)) else load_corpus(data)
     if not utts:
         raise CorpusError(f"{data}: no utterances")
     seen = set()
     for u in utts:
+        if not isinstance(u.utt_id, str) or not u.utt_id or any(c.isspace() for c in u.utt_id):
+            raise CorpusError(f"utterance id {u.utt_id!r} ({u.path}) is empty or contains whitespace")
         if u.utt_id in seen:
             raise CorpusError(f"duplicate utterance id {u.utt_id!r} ({u.path})")
         seen.add(u.utt_id)
+        _check_times(u)
     return utts
+
+
+def _check_times(u: Utterance) -> None:
+    for name in ("start", "end", "duration"):
+        v = getattr(u, name)
+        if v is None:
+            continue
+        try:
+            ok = math.isfinite(float(v)) and (float(v) >= 0 or (name == "end" and float(v) == -1))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CorpusError(f"utterance {u.utt_id!r} ({u.path}): {name} {v!r} is not a finite number of seconds "
+                              ">= 0" + (" (or -1)" if name == "end" else ""))
+    if u.start is not None and u.end is not None and u.end != -1 and u.end > 0 and u.start >= u.end:
+        raise CorpusError(f"utterance {u.utt_id!r} ({u.path}): segment start {u.start} >= end {u.end}")
+
+
+def describe_changes(old, new, prefix: str = "") -> List[str]:
+    """What differs between two JSON-like descriptions (a model's ``describe()`` then and now), one line each.
+
+    Parameters
+    ----------
+    old, new : dict, list or scalar
+        JSON values (nested dicts are compared key by key, everything else by equality).
+    prefix : str
+        Dotted path of ``old`` / ``new`` inside a larger description.
+
+    Returns
+    -------
+    list of str
+        ``"path: old -> new"`` (``(absent)`` for a missing key), sorted by path; empty when equal.
+
+    Examples
+    --------
+    >>> describe_changes({"config": {"num_mel_bins": 80}}, {"config": {"num_mel_bins": 64}})
+    ['config.num_mel_bins: 80 -> 64']
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: List[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{path}: (absent) -> {_short(new[k])}")
+            elif k not in new:
+                out.append(f"{path}: {_short(old[k])} -> (absent)")
+            else:
+                out += describe_changes(old[k], new[k], path)
+        return out
+    return [] if old == new else [f"{prefix or '(value)'}: {_short(old)} -> {_short(new)}"]
+
+
+def _short(v, n: int = 80) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def load_saved_plan(out: Path) -> Optional[dict]:
@@ -217,16 +287,23 @@ def prepare_run(data, output_dir, model_info: dict, opts: ExtractOptions, write_
     stamps = [source_stamp(u) for u in utts]
     if saved is not None:
         if saved["fingerprint"] != fp:
+            changes = describe_changes(saved.get("model"), json.loads(json.dumps(model_info, default=str)))
+            what = (f"the model changed: {'; '.join(changes[:8])}" + (" ..." if len(changes) > 8 else "")
+                    if changes else "corpus, model or options changed")
             raise ExtractionError(
-                f"{out} holds results of a different run (corpus, model or options changed: "
+                f"{out} holds results of a different run ({what}; "
                 f"plan fingerprint {str(saved['fingerprint'])[:12]} != {fp[:12]}); "
                 "use another --output_dir or pass --overwrite to start fresh"
             )
         for u, d in zip(utts, saved["durations"]):
             u.duration = d
-        return Plan(utts, saved["shards"], saved["pre_errors"], fp, model_info, stamps, opts.output_affecting())
+        shards, pre_errors = saved["shards"], dict(saved["pre_errors"])
+        if write_plan and pre_errors:  # the driver: a refused source may have been fixed since
+            shards, pre_errors = _recheck_refused(utts, shards, pre_errors, opts, out, fp, model_info)
+        return Plan(utts, shards, pre_errors, fp, model_info, stamps, opts.output_affecting())
     cache_dir = Path(data) if isinstance(data, (str, os.PathLike)) and Path(data).is_dir() else None
-    pre_errors = measure_durations(utts, allow_pipes=opts.allow_pipes, cache_dir=cache_dir)
+    pre_errors = measure_durations(utts, allow_pipes=opts.allow_pipes, cache_dir=cache_dir,
+                                   header_timeout=opts.header_timeout, pipe_timeout=opts.pipe_timeout)
     for u in utts:  # the same plan whether durations came from the utt2dur cache (4 decimals) or from headers
         if u.duration is not None:
             u.duration = round(u.duration, 4)
@@ -235,11 +312,46 @@ def prepare_run(data, output_dir, model_info: dict, opts: ExtractOptions, write_
     shards = [[keep[j] for j in s] for s in sub if s]
     plan = Plan(utts, shards, pre_errors, fp, model_info, stamps, opts.output_affecting())
     if write_plan:
-        out.mkdir(parents=True, exist_ok=True)
+        _write_plan(out, fp, model_info, utts, shards, pre_errors)
+    return plan
+
+
+def _write_plan(out: Path, fp: str, model_info: dict, utts: List[Utterance], shards, pre_errors) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with naming(out / PLAN_NAME):
         atomic_write_text(out / PLAN_NAME, json.dumps({
             "version": PLAN_VERSION, "fingerprint": fp, "model": model_info,
             "n_utterances": len(utts), "durations": [u.duration for u in utts],
             "shards": shards, "pre_errors": pre_errors,
         }))
-    return plan
+
+
+def _recheck_refused(utts: List[Utterance], shards, pre_errors: Dict[str, str], opts: ExtractOptions, out: Path,
+                     fp: str, model_info: dict):
+    """Read the headers refused by the saved plan again; utterances that now read go into new shards.
+
+    The shards of the saved plan keep their members (and so their fingerprints: finished ones stay valid); the
+    recovered utterances form shards appended after them, so a rerun after fixing a file (a FIFO replaced by the
+    recording, a permission fixed, a pipe allowed) resumes to the result of a clean run. ``plan.json`` is
+    rewritten when anything changed.
+    """
+    index = {u.utt_id: i for i, u in enumerate(utts)}
+    retry = [utts[index[k]] for k in pre_errors if k in index]
+    for u in retry:
+        u.duration = None
+    failures = measure_durations(retry, allow_pipes=opts.allow_pipes, header_timeout=opts.header_timeout,
+                                 pipe_timeout=opts.pipe_timeout)
+    recovered = [index[u.utt_id] for u in retry if u.utt_id not in failures]
+    new_pre = {k: failures[k] for k in pre_errors if k in failures}
+    if not recovered and new_pre == pre_errors:
+        return shards, pre_errors
+    for i in recovered:
+        utts[i].duration = round(utts[i].duration, 4)
+    sub = make_shards([utts[i].duration for i in recovered], opts.shard_duration) if recovered else []
+    shards = list(shards) + [[recovered[j] for j in s] for s in sub if s]
+    if recovered:
+        logger.info("%d utterance(s) refused when %s was planned now read (e.g. %s): %d shard(s) added",
+                    len(recovered), out / PLAN_NAME, utts[recovered[0]].utt_id, len(sub))
+    _write_plan(out, fp, model_info, utts, shards, new_pre)
+    return shards, new_pre
 

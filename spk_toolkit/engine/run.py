@@ -52,6 +52,8 @@ class ShardReport:
         Seconds from the shard's first batch to its commit.
     worker : str
         ``"in-process"``, ``"rank R (host)"`` or the Dask worker.
+    clipped : int
+        Stored segments that ran past the end of their file and were clipped (``segment_overrun="clip"``).
     """
 
     shard: int
@@ -63,6 +65,7 @@ class ShardReport:
     decoded: int
     wall: float
     worker: str
+    clipped: int = 0
 
 
 @contextlib.contextmanager
@@ -182,6 +185,8 @@ def compute_batch(model: EmbeddingModel, kinds: Dict[str, OutputKind], batch: Ba
         The model returned the wrong batch size, or crops were asked of a model with sequence outputs.
     """
     B = len(batch.indices)
+    if opts.max_chunk_duration and int(batch.lengths.max()) > round(opts.max_chunk_duration * model.sample_rate):
+        return _chunked_batch(model, kinds, batch, opts)
     if opts.crops:
         if any(k.kind != "vector" for k in kinds.values()):
             raise ValueError("--crops applies to vector outputs (embeddings) only")
@@ -218,6 +223,64 @@ def compute_batch(model: EmbeddingModel, kinds: Dict[str, OutputKind], batch: Ba
                 raise ValueError(f"model output {name!r}: expected ({B}, T', ...) and ({B},) frame lengths")
             out[name] = [arr[i, : int(flen[i])].astype(kind.dtype, copy=False) for i in range(B)]
     return out
+
+
+def chunk_bounds(n: int, max_len: int) -> np.ndarray:
+    """Boundaries of ``ceil(n / max_len)`` equal consecutive chunks of ``n`` samples (``--max_chunk_duration``).
+
+    Parameters
+    ----------
+    n : int
+        Samples of the utterance (>= 1).
+    max_len : int
+        Longest chunk in samples (>= 1).
+
+    Returns
+    -------
+    np.ndarray of int64, shape (k + 1,)
+        ``0 = b_0 < b_1 < ... < b_k = n``; chunk lengths differ by at most one sample and are <= ``max_len``.
+
+    Raises
+    ------
+    ValueError
+        ``n`` or ``max_len`` < 1.
+    """
+    if n < 1 or max_len < 1:
+        raise ValueError(f"n and max_len must be >= 1, got {n} and {max_len}")
+    k = -(-n // max_len)
+    return (np.arange(k + 1, dtype=np.int64) * n) // k
+
+
+def _chunked_batch(model: EmbeddingModel, kinds: Dict[str, OutputKind], batch: Batch, opts: ExtractOptions
+                   ) -> Dict[str, List[np.ndarray]]:
+    """:func:`compute_batch` with ``max_chunk_duration``: long utterances as length-weighted means of chunks."""
+    from spk_toolkit.data import bucket_batches
+
+    if any(k.kind != "vector" for k in kinds.values()):
+        raise ValueError("--max_chunk_duration applies to vector outputs (embeddings) only")
+    L = int(round(opts.max_chunk_duration * model.sample_rate))
+    pieces = []  # (utterance row, start, stop)
+    for i in range(len(batch.indices)):
+        b = chunk_bounds(int(batch.lengths[i]), L)
+        pieces.extend((i, int(b[j]), int(b[j + 1])) for j in range(len(b) - 1))
+    lens = [e - s for _, s, e in pieces]
+    sums = {name: [None] * len(batch.indices) for name in kinds}
+    for group in bucket_batches(lens, max(opts.batch_bins, L), opts.max_batch_size):
+        T = max(lens[g] for g in group)
+        wav = torch.zeros(len(group), T, dtype=batch.wav.dtype)
+        for r, g in enumerate(group):
+            i, s0, e0 = pieces[g]
+            wav[r, : e0 - s0] = batch.wav[i, s0:e0]
+        res = model.compute(wav, torch.tensor([lens[g] for g in group], dtype=torch.int64))
+        for name in kinds:
+            vals = res[name].detach().cpu().numpy().astype(np.float64)
+            for r, g in enumerate(group):
+                i = pieces[g][0]
+                contrib = vals[r] * lens[g]
+                sums[name][i] = contrib if sums[name][i] is None else sums[name][i] + contrib
+    total = batch.lengths.numpy().astype(np.float64)
+    return {name: [(sums[name][i] / total[i]).astype(kind.dtype) for i in range(len(batch.indices))]
+            for name, kind in kinds.items()}
 
 
 def batch_outputs(ds: UtteranceDataset, batches: List[List[int]], tags: List[int],
@@ -298,7 +361,7 @@ class ShardAccumulator:
     def _shard(self, k: int) -> dict:
         if k not in self.open:
             self.open[k] = {"keys": [], "rows": {n: [] for n in self.kinds}, "errors": [], "seconds": 0.0,
-                            "decoded": 0, "t0": self._t}
+                            "decoded": 0, "t0": self._t, "clipped": []}
         return self.open[k]
 
     def consume(self, batch: Batch, outputs: Optional[Dict[str, List[np.ndarray]]]) -> Optional[ShardReport]:
@@ -309,6 +372,7 @@ class ShardAccumulator:
         for i, reason in batch.errors:
             self._error(a, i, reason)
         a["decoded"] += len(batch.errors) + len(batch.indices)
+        clipped = dict(getattr(batch, "clipped", None) or [])
         if outputs is not None:
             for row, i in enumerate(batch.indices):
                 vals = {n: outputs[n][row] for n in self.kinds}
@@ -319,8 +383,17 @@ class ShardAccumulator:
                 a["keys"].append(utts[i].utt_id)
                 for n, v in vals.items():
                     a["rows"][n].append(v)
-                # input audio (plan durations), not the length after the backend's preparation (e.g. VAD)
-                a["seconds"] += float(utts[i].duration or 0.0)
+                # input audio (plan durations, or what a clipped segment really had), not the length after the
+                # backend's preparation (e.g. VAD)
+                if i in clipped:
+                    u = utts[i]
+                    logger.warning("utterance %s (%s): segment %s-%s s runs past the end of the file; embedded the "
+                                   "%.3f s that exist (--segment_overrun clip)", u.utt_id, u.path, u.start, u.end,
+                                   clipped[i])
+                    a["clipped"].append([u.utt_id, clipped[i]])
+                    a["seconds"] += clipped[i]
+                else:
+                    a["seconds"] += float(utts[i].duration or 0.0)
         self.remaining[k] -= 1
         if self.remaining[k] == 0:
             return self._commit(k)
@@ -336,11 +409,11 @@ class ShardAccumulator:
         a = self.open.pop(k)
         now = time.perf_counter()
         data = ShardData(k, a["keys"], a["rows"], {n: kd.as_dict() for n, kd in self.kinds.items()},
-                         [list(e) for e in a["errors"]], a["seconds"], now - a["t0"], self.worker)
+                         [list(e) for e in a["errors"]], a["seconds"], now - a["t0"], self.worker, a["clipped"])
         write_shard(self.output_dir, data, self.plan.fingerprint, self.plan.shard_fingerprint(k))
         self._t = now
         return ShardReport(k, len(a["keys"]), [tuple(e) for e in a["errors"]], a["seconds"], 0, 0, a["decoded"],
-                           now - a["t0"], self.worker)
+                           now - a["t0"], self.worker, len(a["clipped"]))
 
 
 def default_worker_name() -> str:
@@ -388,7 +461,8 @@ def run_shards(plan: Plan, shard_ids: Sequence[int], model: EmbeddingModel, outp
     kinds = model.output_kinds()
     ds = UtteranceDataset(plan.utts, sr, prepare=model.prepare,
                           min_samples=max(model.min_samples, int(round(opts.min_duration * sr))),
-                          allow_pipes=opts.allow_pipes)
+                          allow_pipes=opts.allow_pipes, segment_overrun=opts.segment_overrun,
+                          pipe_timeout=opts.pipe_timeout)
     batches, tags, est_len = plan_batches(plan, shard_ids, sr, opts.batch_bins, opts.max_batch_size)
     n_batches = collections.Counter(tags)
     waste = {k: [0, 0] for k in shard_ids}  # shard -> [true samples, padded samples] (estimated)

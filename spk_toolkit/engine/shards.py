@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from spk_toolkit.io.atomic import atomic_path
+from spk_toolkit.io.preflight import naming
 
 SHARD_VERSION = 1
 
@@ -58,6 +59,9 @@ class ShardData:
         Seconds the shard took on its worker.
     worker : str
         Who computed it (``"in-process"``, ``"rank 1 (host)"``, a Dask worker address).
+    clipped : list of [utt_id, seconds]
+        Stored segments that ran past the end of their file, clipped to the seconds that exist
+        (``--segment_overrun clip``).
     """
 
     index: int
@@ -68,6 +72,7 @@ class ShardData:
     audio_seconds: float = 0.0
     wall: float = 0.0
     worker: str = ""
+    clipped: List[list] = dataclasses.field(default_factory=list)
 
 
 def shard_path(output_dir, k: int) -> Path:
@@ -90,7 +95,8 @@ def write_shard(output_dir, shard: ShardData, plan_fingerprint: str, shard_finge
     Raises
     ------
     OSError
-        The shard directory is not writable or the disk is full (nothing is left under the final name).
+        The shard directory is not writable or the disk is full (``filename`` names the shard file; nothing is
+        left under the final name or a temporary one).
     """
     arrays: Dict[str, np.ndarray] = {}
     for name, rows in shard.outputs.items():
@@ -107,12 +113,13 @@ def write_shard(output_dir, shard: ShardData, plan_fingerprint: str, shard_finge
             "fingerprint": shard_fingerprint, "keys": list(shard.keys),
             "errors": [list(e) for e in shard.errors], "kinds": shard.kinds,
             "audio_seconds": float(shard.audio_seconds), "wall": float(shard.wall), "worker": shard.worker,
-            "checksum": _checksum(arrays)}
+            "clipped": [[str(u), float(sec)] for u, sec in shard.clipped], "checksum": _checksum(arrays)}
     path = shard_path(output_dir, shard.index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8), **arrays)
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8), **arrays)
     return path
 
 
@@ -181,4 +188,4 @@ def read_shard(path, expect_index: int, expect_keys: Optional[List[str]] = None,
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
         raise ShardInvalid(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
     return ShardData(expect_index, keys, outputs, meta["kinds"], errors, float(meta.get("audio_seconds", 0.0)),
-                     float(meta.get("wall", 0.0)), str(meta.get("worker", "")))
+                     float(meta.get("wall", 0.0)), str(meta.get("worker", "")), list(meta.get("clipped", [])))

@@ -9,19 +9,22 @@ Formats (REFERENCE.md):
 * **Audio tree** (3D-Speaker pipeline): ``root/<dataset>/<speaker>/<utt>.<ext>``; key
   ``<dataset>/<speaker>/<utt>`` (``/`` cannot occur inside a path component, so keys never collide).
 
-Malformed input (a duplicate ``utt_id``, a ``wav.scp`` line without a path, a ``segments`` entry naming an
-unknown recording) raises :class:`CorpusError` before any work starts, naming the file and line.
+Every text file is read by :func:`spk_toolkit.io.textio.iter_lines`: UTF-8 with a byte-order mark stripped (and
+logged once), ``\r\n`` accepted, blank lines skipped. Malformed input (a duplicate id in any file, a ``wav.scp``
+line without a path, a ``segments`` entry naming an unknown recording or with times that are not finite, a negative
+start or ``start >= end``, a duration that is not finite or negative, bytes that are not UTF-8) raises
+:class:`CorpusError` before any work starts, naming ``file:line`` (docs/bad_input.md).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 from spk_toolkit.io.audio import AudioLoadingError, audio_info, is_pipe
+from spk_toolkit.io.textio import TextFileError, iter_lines, parse_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -68,136 +71,241 @@ class Utterance:
     sample_rate: Optional[int] = None
 
 
+def _lines(path: Path, what: str):
+    """:func:`spk_toolkit.io.textio.iter_lines` raising :class:`CorpusError`."""
+    try:
+        yield from iter_lines(path, what)
+    except TextFileError as e:
+        raise CorpusError(str(e)) from None
+
+
+def _rows(path: Path, min_fields: int = 2, rest: bool = True, max_fields: Optional[int] = None) -> List[tuple]:
+    """``[(line_number, fields), ...]`` of a Kaldi-style file (see :func:`read_kv`)."""
+    out = []
+    for n, line in _lines(path, path.name):
+        line = line.strip()
+        fields = tuple(line.split(maxsplit=1) if rest else line.split())
+        if len(fields) < 2 or (not rest and len(fields) < min_fields):
+            raise CorpusError(f"{path}:{n}: expected at least {min_fields} fields, got {line!r}")
+        if max_fields is not None and len(fields) > max_fields:
+            raise CorpusError(f"{path}:{n}: expected {max_fields} fields, got {len(fields)}: {line!r}")
+        out.append((n, fields))
+    return out
+
+
 def read_kv(path: Path, min_fields: int = 2, rest: bool = True) -> List[tuple]:
     """Read a Kaldi-style ``key value...`` file into ``[(key, value), ...]`` keeping file order.
 
     With ``rest`` the value is the remainder of the line after the first whitespace (paths with spaces,
-    pipes); otherwise the tuple holds every whitespace-separated field.
+    pipes); otherwise the tuple holds every whitespace-separated field. The file is read as UTF-8 (a
+    byte-order mark stripped and logged once), ``\r\n`` line ends are accepted and blank lines skipped
+    (:func:`spk_toolkit.io.textio.iter_lines`).
+
+    Parameters
+    ----------
+    path : Path
+    min_fields : int
+        Fields a line must have (without ``rest``).
+    rest : bool
+        Split off the key only.
+
+    Returns
+    -------
+    list of tuple
 
     Raises
     ------
     CorpusError
-        A non-empty line with fewer than ``min_fields`` fields (names file and line number).
+        A non-empty line with fewer than ``min_fields`` fields, bytes that are not UTF-8, an unreadable file
+        (names file and line number).
     """
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.split(maxsplit=1) if rest else line.split()
-            if len(fields) < 2 or (not rest and len(fields) < min_fields):
-                raise CorpusError(f"{path}:{n}: expected at least {min_fields} fields, got {line!r}")
-            out.append(tuple(fields))
-    return out
+    return [f for _, f in _rows(Path(path), min_fields, rest)]
+
+
+def _unique(rows: Iterable[tuple], path: Path, what: str = "utterance id") -> Dict[str, tuple]:
+    """``key -> (line, fields)`` of ``[(line, fields), ...]``; a repeated key is a :class:`CorpusError`."""
+    d: Dict[str, tuple] = {}
+    for n, f in rows:
+        if f[0] in d:
+            raise CorpusError(f"{path}:{n}: duplicate {what} {f[0]!r} (first on line {d[f[0]][0]})")
+        d[f[0]] = (n, f)
+    return d
 
 
 def read_utt2spk(path: str | os.PathLike) -> Dict[str, str]:
     """Read a Kaldi ``utt2spk`` file (``utt_id spk_id`` per line) into a dict, keeping file order.
 
+    Parameters
+    ----------
+    path : path-like
+
+    Returns
+    -------
+    dict
+        ``utt_id -> spk_id``.
+
     Raises
     ------
     CorpusError
-        A line without exactly two fields, or a duplicate utterance id (names file and line).
+        A line without exactly two fields, a duplicate utterance id, bytes that are not UTF-8 (names file and
+        line).
     """
-    rows = read_kv(Path(path), min_fields=2, rest=False)
-    for r in rows:
+    p = Path(path)
+    rows = _rows(p, min_fields=2, rest=False)
+    for n, r in rows:
         if len(r) != 2:
-            raise CorpusError(f"{path}: expected 'utt_id spk_id', got {' '.join(r)!r}")
-    return {k: v[1] for k, v in _unique_dict(rows, Path(path)).items()}
+            raise CorpusError(f"{p}:{n}: expected 'utt_id spk_id', got {' '.join(r)!r}")
+    return {k: v[1][1] for k, v in _unique(rows, p).items()}
 
 
 def read_spk2utt(path: str | os.PathLike) -> Dict[str, List[str]]:
     """Read a Kaldi ``spk2utt`` file (``spk_id utt1 utt2 ...`` per line) into a dict of lists.
 
+    Parameters
+    ----------
+    path : path-like
+
+    Returns
+    -------
+    dict
+        ``spk_id -> [utt_id, ...]`` in file order.
+
     Raises
     ------
     CorpusError
-        A line with fewer than two fields (names file and line).
+        A line with fewer than two fields, a speaker listed twice, an utterance listed under two speakers or
+        twice, bytes that are not UTF-8 (names file and line).
     """
-    return {r[0]: list(r[1:]) for r in read_kv(Path(path), min_fields=2, rest=False)}
+    p = Path(path)
+    rows = _unique(_rows(p, min_fields=2, rest=False), p, "speaker id")
+    owner: Dict[str, tuple] = {}
+    for spk, (n, r) in rows.items():
+        for utt in r[1:]:
+            if utt in owner:
+                raise CorpusError(f"{p}:{n}: utterance {utt!r} listed again (already under speaker "
+                                  f"{owner[utt][0]!r} on line {owner[utt][1]})")
+            owner[utt] = (spk, n)
+    return {spk: list(r[1:]) for spk, (n, r) in rows.items()}
 
 
-def _unique_dict(pairs: Iterable[tuple], path: Path) -> Dict[str, tuple]:
-    d: Dict[str, tuple] = {}
-    for p in pairs:
-        if p[0] in d:
-            raise CorpusError(f"{path}: duplicate utterance id {p[0]!r}")
-        d[p[0]] = p
-    return d
+def _speaker_coverage(utts: List[Utterance], u2s: Dict[str, str], path: Path) -> None:
+    """Attach speakers; warn (count, examples) about utterances without one and entries naming no utterance."""
+    ids = set()
+    for u in utts:
+        u.spk_id = u2s.get(u.utt_id)
+        ids.add(u.utt_id)
+    no_spk = [u.utt_id for u in utts if u.spk_id is None]
+    if no_spk:
+        logger.warning("%s: %d of %d utterances have no speaker (e.g. %s); they get no speaker mean",
+                       path, len(no_spk), len(utts), ", ".join(repr(x) for x in no_spk[:3]))
+    extra = [k for k in u2s if k not in ids]
+    if extra:
+        logger.warning("%s: %d entries name no utterance of the corpus (e.g. %s); ignored", path, len(extra),
+                       ", ".join(repr(x) for x in extra[:3]))
 
 
 def load_kaldi_dir(data_dir: str | os.PathLike) -> List[Utterance]:
     """Read a Kaldi data directory.
 
+    Every file is read as UTF-8 (a byte-order mark stripped), ``\r\n`` accepted, blank lines skipped; every
+    field is checked here, before anything else happens, and a problem names ``file:line``.
+
+    Parameters
+    ----------
+    data_dir : path-like
+
     Returns
     -------
     list of Utterance
         In ``wav.scp`` order (or ``segments`` order when present). ``duration`` filled from ``utt2dur``
-        when that file exists.
+        when that file exists (or from the segment bounds).
 
     Raises
     ------
     CorpusError
-        Missing ``wav.scp``, duplicate ids, lines without a path, segments naming unknown recordings.
+        Missing ``wav.scp``; a duplicate id in any file; a line without a path; a ``segments`` line that is not
+        ``utt_id rec_id start end``, names an unknown recording, has a time that is not a finite number, a
+        negative start, or ``start >= end`` (an end of ``-1`` means the end of the recording, as in Kaldi); an
+        ``utt2dur`` value that is not a finite duration >= 0; bytes that are not UTF-8.
     """
     d = Path(data_dir)
     if not (d / "wav.scp").is_file():
         raise CorpusError(f"{d}: no wav.scp (expected a Kaldi data dir)")
-    wav = _unique_dict(read_kv(d / "wav.scp"), d / "wav.scp")
+    wav = _unique(_rows(d / "wav.scp"), d / "wav.scp")
     utts: List[Utterance] = []
     if (d / "segments").is_file():
-        segs = read_kv(d / "segments", min_fields=4, rest=False)
-        _unique_dict(segs, d / "segments")
-        for s in segs:
+        sp = d / "segments"
+        segs = _unique(_rows(sp, min_fields=4, rest=False, max_fields=4), sp, "segment id")
+        for utt_id, (n, s) in segs.items():
+            where = f"{sp}:{n}"
             if s[1] not in wav:
-                raise CorpusError(f"{d / 'segments'}: utterance {s[0]!r} names unknown recording {s[1]!r}")
+                raise CorpusError(f"{where}: utterance {s[0]!r} names unknown recording {s[1]!r} "
+                                  f"(not in {d / 'wav.scp'})")
             try:
-                start, end = float(s[2]), float(s[3])
-            except ValueError as e:
-                raise CorpusError(f"{d / 'segments'}: utterance {s[0]!r} has bad times {s[2:4]}") from e
-            utts.append(Utterance(s[0], wav[s[1]][1], start, end, duration=(end - start) if end > 0 else None))
+                start = parse_seconds(s[2], where, "start")
+                end = parse_seconds(s[3], where, "end", allow_negative_one=True)
+            except TextFileError as e:
+                raise CorpusError(f"{e} (segment {s[0]!r})") from None
+            if end != -1 and start >= end:
+                raise CorpusError(f"{where}: segment {s[0]!r} has start {s[2]} >= end {s[3]} (an empty or "
+                                  "reversed segment)")
+            utts.append(Utterance(s[0], wav[s[1]][1][1], start, end,
+                                  duration=(end - start) if end != -1 else None))
     else:
-        utts = [Utterance(k, v[1]) for k, v in wav.items()]
+        utts = [Utterance(k, v[1][1]) for k, v in wav.items()]
     if (d / "utt2spk").is_file():
-        u2s = read_utt2spk(d / "utt2spk")
-        for u in utts:
-            u.spk_id = u2s.get(u.utt_id)
+        _speaker_coverage(utts, read_utt2spk(d / "utt2spk"), d / "utt2spk")
     elif (d / "spk2utt").is_file():
         u2s = {utt: spk for spk, us in read_spk2utt(d / "spk2utt").items() for utt in us}
-        for u in utts:
-            u.spk_id = u2s.get(u.utt_id)
+        _speaker_coverage(utts, u2s, d / "spk2utt")
     if (d / "utt2dur").is_file():
-        durs = {k: v for k, v in read_kv(d / "utt2dur")}
+        dp = d / "utt2dur"
+        durs = {}
+        for utt_id, (n, f) in _unique(_rows(dp, min_fields=2, rest=False, max_fields=2), dp).items():
+            try:
+                durs[utt_id] = parse_seconds(f[1], f"{dp}:{n}", "duration")
+            except TextFileError as e:
+                raise CorpusError(f"{e} (utterance {utt_id!r})") from None
         for u in utts:
             if u.utt_id in durs and u.duration is None:
-                u.duration = float(durs[u.utt_id])
+                u.duration = durs[u.utt_id]
     return utts
 
 
 def load_manifest_tsv(path: str | os.PathLike) -> List[Utterance]:
     """Read an ESPnet3 manifest ``utt_id<TAB>wav_path<TAB>text<TAB>speaker_id`` (header line optional).
 
+    Read as UTF-8 (a byte-order mark stripped), ``\r\n`` accepted, blank lines skipped.
+
+    Parameters
+    ----------
+    path : path-like
+
+    Returns
+    -------
+    list of Utterance
+        In file order.
+
     Raises
     ------
     CorpusError
-        Lines with fewer than 2 columns, duplicate ids.
+        Lines with fewer than 2 columns or an empty id or path, duplicate ids, bytes that are not UTF-8 (names
+        file and line).
     """
-    utts, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if n == 1 and cols[0].lower() in ("utt_id", "id", "key"):
-                continue
-            if len(cols) < 2 or not cols[1].strip():
-                raise CorpusError(f"{path}:{n}: expected utt_id<TAB>wav_path[<TAB>text<TAB>speaker_id], got {line!r}")
-            if cols[0] in seen:
-                raise CorpusError(f"{path}: duplicate utterance id {cols[0]!r}")
-            seen.add(cols[0])
-            utts.append(Utterance(cols[0], cols[1], spk_id=cols[3] if len(cols) > 3 and cols[3] else None))
+    utts, seen = [], {}
+    first = True
+    for n, line in _lines(Path(path), "manifest"):
+        cols = line.split("\t")
+        if first and cols[0].strip().lower() in ("utt_id", "id", "key"):
+            first = False
+            continue
+        first = False
+        if len(cols) < 2 or not cols[0].strip() or not cols[1].strip():
+            raise CorpusError(f"{path}:{n}: expected utt_id<TAB>wav_path[<TAB>text<TAB>speaker_id], got {line!r}")
+        if cols[0] in seen:
+            raise CorpusError(f"{path}:{n}: duplicate utterance id {cols[0]!r} (first on line {seen[cols[0]]})")
+        seen[cols[0]] = n
+        utts.append(Utterance(cols[0], cols[1], spk_id=cols[3] if len(cols) > 3 and cols[3] else None))
     return utts
 
 
@@ -250,20 +358,118 @@ def load_corpus(source: str | os.PathLike) -> List[Utterance]:
     raise CorpusError(f"{p}: not a Kaldi data dir, manifest TSV or audio tree")
 
 
+def timed_map(fn: Callable, items: Sequence, num_threads: int, timeout, on_timeout: Callable) -> Iterator:
+    """``fn(item)`` for every item, in order, on ``num_threads`` daemon threads, each call bounded by ``timeout``.
+
+    A call still running ``timeout`` seconds after it started yields ``on_timeout(item)`` instead; its thread is
+    abandoned (a daemon: it never keeps the process alive, and a fresh thread takes its place), so one hung
+    file system call costs at most ``timeout`` seconds and Ctrl-C always gets out at once.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(item) -> result``.
+    items : sequence
+    num_threads : int
+        Concurrent calls (>= 1).
+    timeout : float or callable
+        Seconds per call (> 0), or ``timeout(item) -> seconds``.
+    on_timeout : callable
+        ``on_timeout(item) -> result`` for a call that ran out of time.
+
+    Yields
+    ------
+    object
+        The result of each item, in input order.
+
+    Raises
+    ------
+    Exception
+        Whatever ``fn`` raised, re-raised in the caller's thread.
+    """
+    import threading
+    import time
+
+    n = len(items)
+    results: list = [None] * n
+    done = [False] * n
+    started: Dict[int, float] = {}
+    cond = threading.Condition()
+    nxt = [0]
+
+    def worker():
+        while True:
+            with cond:
+                if nxt[0] >= n:
+                    return
+                i = nxt[0]
+                nxt[0] += 1
+                started[i] = time.monotonic()
+            try:
+                r = (True, fn(items[i]))
+            except BaseException as e:  # noqa: B902 - re-raised in the caller
+                r = (False, e)
+            with cond:
+                if not done[i]:
+                    results[i], done[i] = r, True
+                cond.notify_all()
+
+    def spawn():
+        threading.Thread(target=worker, daemon=True, name="spk-header").start()
+
+    for _ in range(max(1, min(int(num_threads), n))):
+        spawn()
+    for i in range(n):
+        with cond:
+            while not done[i]:
+                t0 = started.get(i)
+                limit = timeout(items[i]) if callable(timeout) else timeout
+                left = limit if t0 is None else limit - (time.monotonic() - t0)
+                if t0 is not None and left <= 0:
+                    results[i], done[i] = (True, on_timeout(items[i])), True
+                    spawn()
+                    break
+                cond.wait(min(max(left, 0.01), 1.0))
+            ok, r = results[i]
+            results[i] = None
+        if not ok:
+            raise r
+        yield r
+
+
 def measure_durations(
-    utts: List[Utterance], num_threads: int = 8, allow_pipes: bool = False, cache_dir: Optional[Path] = None
+    utts: List[Utterance], num_threads: int = 8, allow_pipes: bool = False, cache_dir: Optional[Path] = None,
+    header_timeout: float = 30.0, pipe_timeout: float = 600.0,
 ) -> Dict[str, str]:
     """Fill ``duration`` (seconds) from audio headers where unknown.
 
-    Header reads run in a thread pool. Utterances whose header cannot be read keep ``duration=None`` and
-    their reason is returned (the engine records them in ``errors.tsv``). When ``cache_dir`` is given and
-    writable, ``utt2dur`` and ``utt2num_samples`` are written there (Kaldi conventions; native sample rate).
+    Header reads run on daemon threads (:func:`timed_map`), each bounded by ``header_timeout`` (pipes by
+    ``pipe_timeout``): special files are refused without being opened, so a FIFO costs nothing, and a hung read
+    costs at most the timeout. Utterances whose header cannot be read keep ``duration=None`` and their reason
+    is returned (the engine records them in ``errors.tsv``). When ``cache_dir`` is given and writable,
+    ``utt2dur`` and ``utt2num_samples`` are written there atomically (Kaldi conventions; native sample rate).
+
+    Parameters
+    ----------
+    utts : list of Utterance
+        Updated in place.
+    num_threads : int
+        Concurrent header reads.
+    allow_pipes : bool
+        Run ``cmd |`` entries (refused otherwise).
+    cache_dir : Path, optional
+        The data directory, for the ``utt2dur`` cache.
+    header_timeout, pipe_timeout : float
+        Seconds per header read and per pipe command.
 
     Returns
     -------
     dict
-        ``utt_id -> reason`` for utterances whose header could not be read.
+        ``utt_id -> reason`` for utterances whose header could not be read (never raised: each is one
+        ``errors.tsv`` line; a cache that cannot be written is logged and ignored).
     """
+    from spk_toolkit.io.atomic import atomic_write_text
+
     for u in utts:
         if u.audio is not None and u.duration is None:
             u.duration = len(u.audio) / float(u.sample_rate)
@@ -275,7 +481,7 @@ def measure_durations(
         if is_pipe(u.path) and not allow_pipes:
             return u, None, "wav.scp pipe entry refused (pass --allow_pipes to run commands)"
         try:
-            frames, sr = audio_info(u.path, allow_pipes=allow_pipes)
+            frames, sr = audio_info(u.path, allow_pipes=allow_pipes, pipe_timeout=pipe_timeout)
         except AudioLoadingError as e:
             return u, None, e.reason
         if u.start is not None:
@@ -283,24 +489,26 @@ def measure_durations(
             return u, (max(end - u.start, 0.0), None), None
         return u, (frames / sr, frames), None
 
+    def limit(u: Utterance) -> float:  # a pipe is killed by its own timeout first (its message is the precise one)
+        return pipe_timeout + 5.0 if is_pipe(u.path) and allow_pipes else header_timeout
+
+    def late(u: Utterance):
+        return u, None, f"header read timed out after {limit(u):g} s"
+
     if todo:
-        with ThreadPoolExecutor(num_threads) as ex:
-            for u, res, err in ex.map(one, todo):
-                if err is not None:
-                    failures[u.utt_id] = err
-                else:
-                    u.duration = res[0]
-                    if res[1] is not None:
-                        nsamp[u.utt_id] = res[1]
+        for u, res, err in timed_map(one, todo, num_threads, limit, late):
+            if err is not None:
+                failures[u.utt_id] = err
+            else:
+                u.duration = res[0]
+                if res[1] is not None:
+                    nsamp[u.utt_id] = res[1]
         if cache_dir is not None and not failures:
             try:
-                with open(Path(cache_dir) / "utt2dur.tmp", "w") as f:
-                    f.writelines(f"{u.utt_id} {u.duration:.4f}\n" for u in utts)
-                os.replace(Path(cache_dir) / "utt2dur.tmp", Path(cache_dir) / "utt2dur")
+                atomic_write_text(Path(cache_dir) / "utt2dur", "".join(f"{u.utt_id} {u.duration:.4f}\n" for u in utts))
                 if len(nsamp) == len(utts):
-                    with open(Path(cache_dir) / "utt2num_samples.tmp", "w") as f:
-                        f.writelines(f"{u.utt_id} {nsamp[u.utt_id]}\n" for u in utts)
-                    os.replace(Path(cache_dir) / "utt2num_samples.tmp", Path(cache_dir) / "utt2num_samples")
+                    atomic_write_text(Path(cache_dir) / "utt2num_samples",
+                                      "".join(f"{u.utt_id} {nsamp[u.utt_id]}\n" for u in utts))
             except OSError as e:  # read-only data dir: the cache is an optimisation only
                 logger.info("could not write utt2dur cache in %s: %s", cache_dir, e)
     return failures

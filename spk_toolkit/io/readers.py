@@ -41,7 +41,25 @@ def load_embeddings(path: str | os.PathLike, average_crops: bool = True) -> Dict
     FileNotFoundError
         ``path`` does not exist (or ``summary.json`` names outputs that do not).
     ValueError
-        Unrecognised format, or an npz holding pickled objects.
+        Unrecognised format; a file that is truncated, corrupt, not of its suffix's format, or holds pickled
+        objects; values of different shapes (a truncated Kaldi ark); the message names the file, and the key
+        where one is at fault.
     """
     with open_reader(path) as r:
-        return {k: _finish(r[k], average_crops) for k in r}
+        out = {}
+        first = None
+        for k in r:
+            try:
+                v = _finish(r[k], average_crops)
+            except ValueError:
+                raise
+            except Exception as e:  # a truncated ark / h5 dataset: name the file and the key
+                raise ValueError(f"{os.fspath(path)}: cannot read key {k!r} ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())})") from None
+            if first is None:
+                first = (k, v.shape)
+            elif v.shape != first[1]:  # kaldiio returns a short vector from a truncated ark without a word
+                raise ValueError(f"{os.fspath(path)}: key {k!r} has shape {v.shape}, key {first[0]!r} "
+                                 f"{first[1]} (a truncated or mixed file?)")
+            out[k] = v
+        return out

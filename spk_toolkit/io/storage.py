@@ -5,7 +5,9 @@ numeric or bool dtype (float16/32/64, int8..64, uint, complex, bool), no cast an
 memory stays bounded by one array plus the set of keys seen (for the duplicate check), at any corpus size.
 ``close()`` commits through :mod:`spk_toolkit.io.atomic` (per-process temporary name, fsync, ``os.replace``),
 so a crash or an exception never leaves a partial output under the final name. The reader of the same name is
-a lazy ``Mapping[str, np.ndarray]``: keyed random access without loading everything, iteration in written order.
+a lazy ``Mapping[str, np.ndarray]``: keyed random access without loading everything, iteration in written order,
+and partial reads of ``(T, ...)`` arrays, ``reader.read(key, start_frame, end_frame)`` (hdf5: only the chunks
+holding those frames; npy_dir: a memory map; npz, kaldi_ark: load, then slice).
 
 Keys are Kaldi utterance ids: any non-empty string without whitespace (``str.isspace``) and without NUL. That
 includes ``/`` anywhere (``/x``, ``x/``, ``x//y``), ``.``, ``..``, non-ASCII, and the storage libraries' own
@@ -49,7 +51,9 @@ import abc
 import hashlib
 import json
 import os
+import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Type
@@ -311,6 +315,25 @@ class Writer(abc.ABC):
         self._state = "open"
 
     @classmethod
+    def check_options(cls, **options) -> None:
+        """Check writer options before any work (``ExtractOptions.writer_options``); default: the constructor
+        takes them as keyword options.
+
+        Raises
+        ------
+        ValueError
+            An option the constructor does not take (the accepted ones listed), or an invalid value.
+        """
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        accepted = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "fsync"]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(f"unknown {cls.name} writer option(s) {', '.join(unknown)}; accepted: "
+                             f"{', '.join(accepted) or 'none'}")
+
+    @classmethod
     @abc.abstractmethod
     def output_path(cls, output_dir: str | os.PathLike, stem: str = "embeddings") -> Path:
         """The main output path a writer of this format makes for ``stem`` in ``output_dir`` (what
@@ -499,6 +522,52 @@ class Reader(Mapping):
         if h is not None and self._pid == os.getpid():
             h.close()
 
+    def read(self, key: str, start_frame: int = 0, end_frame: Optional[int] = None) -> np.ndarray:
+        """Frames ``start_frame:end_frame`` (first axis) of ``key``'s array: a partial read.
+
+        ``hdf5`` reads only the chunks that hold the frames (h5py slicing), ``npy_dir`` memory-maps the file
+        (``np.load(mmap_mode="r")``) and copies the frames; ``npz`` and ``kaldi_ark`` load the array and slice it.
+
+        Parameters
+        ----------
+        key : str
+        start_frame : int, default=0
+            First frame, ``0 <= start_frame <= end_frame``.
+        end_frame : int, optional
+            One past the last frame, ``<= num_frames(key)`` (default: the end).
+
+        Returns
+        -------
+        np.ndarray of shape (end_frame - start_frame, *rest)
+            The requested frames only, dtype as written (a copy, not a view of a larger array).
+
+        Raises
+        ------
+        KeyError
+            Unknown key.
+        ValueError
+            A 0-d array (no frames), or a range outside ``[0, num_frames]`` (the key, the range and the number
+            of frames named).
+        TypeError
+            Non-integer frame indices.
+        """
+        arr = self[key]
+        s, e = _frame_range(key, arr.shape, start_frame, end_frame)
+        return arr[s:e].copy() if (s, e) != (0, arr.shape[0]) else arr
+
+    def num_frames(self, key: str) -> int:
+        """First-axis length of ``key``'s array (frames of a ``(T, F)`` sequence), read from the header where
+        the format allows (``hdf5``, ``npy_dir``), else by loading the array.
+
+        Raises
+        ------
+        KeyError
+            Unknown key.
+        ValueError
+            A 0-d array.
+        """
+        return _frame_range(key, self[key].shape, 0, None)[1]
+
     def __contains__(self, key) -> bool:
         try:
             self[key]
@@ -522,6 +591,22 @@ class Reader(Mapping):
 
 
 _FORKED_HANDLES: list = []
+
+
+def _frame_range(key: str, shape: tuple, start, end) -> Tuple[int, int]:
+    """Validated ``(start, end)`` frame range of an array of ``shape`` (see :meth:`Reader.read`)."""
+    if not shape:
+        raise ValueError(f"key {key!r}: a 0-d array has no frames to slice")
+    n = int(shape[0])
+    for name, v in (("start_frame", start), ("end_frame", end)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            raise TypeError(f"{name} must be an integer, got {v!r}")
+    s = int(start)
+    e = n if end is None else int(end)
+    if not 0 <= s <= e <= n:
+        raise ValueError(f"key {key!r}: frames [{s}, {e}) outside the array's {n} frames "
+                         "(0 <= start_frame <= end_frame <= num_frames)")
+    return s, e
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -579,6 +664,20 @@ class NpzWriter(Writer):
             self._atomic.abort()
 
 
+def _pickled(e: BaseException) -> bool:
+    """numpy's refusal of pickled data (its message suggests loading unsafely: never repeated to the user)."""
+    text = str(e)
+    return "allow_pickle" in text or "pickled data" in text or "Object arrays cannot be loaded" in text
+
+
+def _safe_reason(e: BaseException) -> str:
+    """An exception as a short reason, without advice to load pickled data."""
+    if _pickled(e):
+        return "holds pickled Python objects (refused: only plain arrays are read)"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text}" if type(e).__name__ not in text else text
+
+
 class NpzReader(Reader):
     """Any ``.npz`` (ours, ``np.savez``, ESPnet's): ``np.load(path, allow_pickle=False)``, read per key.
 
@@ -606,15 +705,35 @@ class NpzReader(Reader):
             self._members[k] = m
 
     def _open(self):
-        z = np.load(self.path, allow_pickle=False)
+        with open(self.path, "rb") as f:
+            magic = f.read(6)
+        if magic[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first local header, or an empty zip
+            what = ("a single .npy array" if magic == b"\x93NUMPY" else "an empty file" if not magic
+                    else "not a zip archive")
+            raise ValueError(f"{self.path}: not an npz archive ({what})")
+        try:
+            with zipfile.ZipFile(self.path):  # the central directory (a truncated file has none); closed on error
+                pass
+            z = np.load(self.path, allow_pickle=False)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            raise ValueError(f"{self.path}: truncated or corrupt npz archive ({_safe_reason(e)})") from None
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise ValueError(f"{self.path}: not an npz archive (a single .npy array?)")
         return z
 
     def __getitem__(self, key: str) -> np.ndarray:
-        v = self._handle()[self._members[key]]
+        m = self._members[key]
+        try:
+            v = self._handle()[m]
+        except KeyError:
+            raise
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
+            if _pickled(e):
+                raise ValueError(f"{self.path}: member {m!r} holds pickled Python objects, not a numeric array "
+                                 "(refused: only plain arrays are read)") from None
+            raise ValueError(f"{self.path}: member {m!r} is truncated or corrupt ({_safe_reason(e)})") from None
         if not isinstance(v, np.ndarray):
-            raise ValueError(f"{self.path}: member {self._members[key]!r} is not a .npy array")
+            raise ValueError(f"{self.path}: member {m!r} is not a .npy array")
         return v
 
     def __contains__(self, key) -> bool:
@@ -698,11 +817,57 @@ class KaldiArkWriter(Writer):
             self._scp.abort()
 
 
+def resolve_scp_entry(value: str, scp_dir: Path, cache: Optional[Dict[str, str]] = None) -> str:
+    """An scp value (``ark:offset``, ``ark:offset[slices]``, ``ark``, ``cmd |``) with a relative ark path resolved.
+
+    The ark is looked for relative to ``scp_dir``, then each parent of ``scp_dir`` (absolute), and the first
+    existing file wins; a pipe, an absolute path, or a relative path found nowhere is returned unchanged (then
+    resolved against the working directory when read, Kaldi's rule, and reported missing there).
+
+    Parameters
+    ----------
+    value : str
+        The scp entry's value.
+    scp_dir : Path
+        Directory of the scp.
+    cache : dict, optional
+        ``relative ark -> resolved ark`` of earlier entries (one look-up per ark file).
+
+    Returns
+    -------
+    str
+    """
+    v = value.strip()
+    if not v or v.endswith("|") or v.startswith("|"):
+        return value
+    ark, offset = v, ""
+    m = re.match(r"^(.*?):(\d+(\[[^\]]*\])*)$", v)
+    if m:
+        ark, offset = m.group(1), ":" + m.group(2)
+    if os.path.isabs(ark):
+        return value
+    if cache is not None and ark in cache:
+        return cache[ark] + offset
+    resolved = ark
+    base = Path(os.path.abspath(scp_dir))
+    for d in (base, *base.parents):
+        cand = d / ark
+        if cand.is_file():
+            resolved = str(cand)
+            break
+    if cache is not None:
+        cache[ark] = resolved
+    return resolved + offset
+
+
 class KaldiArkReader(Reader):
     """Kaldi ``.scp`` (``kaldiio.load_scp``, lazy, file opened per access) or a bare ``.ark`` (indexed by
     one sequential scan that keeps offsets, not arrays). Arrays come back as kaldiio reads them (Kaldi float
     matrices/vectors, int32 vectors, compressed matrices as float32, numpy-in-ark with its own dtype), made
-    writable. Relative ark paths inside an scp resolve against the working directory (Kaldi's rule).
+    writable. A relative ark path inside an scp resolves against the scp's own directory, then each of its
+    parents (an ESPnet dump written from the recipe directory names ``dump/xvector/<dset>/xvector.ark``, which
+    exists under the recipe directory, a parent of the scp's), then the working directory (Kaldi's rule, kept as
+    the last resort): :func:`resolve_scp_entry`.
 
     Raises
     ------
@@ -733,6 +898,10 @@ class KaldiArkReader(Reader):
                     kaldiio.matio.read_kaldi(fd)
         else:
             self._scp = kaldiio.load_scp(str(self.path))
+            found: Dict[str, str] = {}
+            d = self._scp._dict  # key -> "ark:offset[slices]" (kaldiio's LazyLoader)
+            for key, value in d.items():
+                d[key] = resolve_scp_entry(value, self.path.parent, found)
 
     @classmethod
     def find(cls, directory, stem="embeddings"):
@@ -801,8 +970,7 @@ class Hdf5Writer(Writer):
                  fsync: bool = True):
         if compression == "none":
             compression = None
-        if compression is not None and compression not in _HDF5_COMPRESSIONS:
-            raise ValueError(f"compression must be one of gzip, lzf, none; got {compression!r}")
+        type(self)._check_compression(compression, compression_opts)
         super().__init__(output_dir, stem, fsync=fsync)
         import h5py
 
@@ -817,6 +985,23 @@ class Hdf5Writer(Writer):
         except BaseException:
             self._atomic.abort()
             raise
+
+    @staticmethod
+    def _check_compression(compression, compression_opts) -> None:
+        if compression is not None and compression not in _HDF5_COMPRESSIONS:
+            raise ValueError(f"compression must be one of gzip, lzf, none; got {compression!r}")
+        if compression_opts is not None and (compression != "gzip" or isinstance(compression_opts, bool)
+                                             or not isinstance(compression_opts, int)
+                                             or not 0 <= compression_opts <= 9):
+            raise ValueError(f"compression_opts is a gzip level 0-9 (with compression='gzip'), got "
+                             f"{compression_opts!r}")
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """The base check plus the values of ``compression`` / ``compression_opts`` (see :class:`Hdf5Writer`)."""
+        super().check_options(**options)
+        comp = options.get("compression", "gzip")
+        cls._check_compression(None if comp == "none" else comp, options.get("compression_opts"))
 
     @classmethod
     def output_path(cls, output_dir, stem="embeddings") -> Path:
@@ -882,6 +1067,26 @@ class Hdf5Reader(Reader):
         if name not in f:
             raise KeyError(key)
         return np.asarray(f[name][()])
+
+    def _dataset(self, key: str):
+        if not isinstance(key, str):
+            raise KeyError(key)
+        name = self._legacy[key] if self._legacy is not None else hdf5_dataset_name(key)
+        f = self._handle()
+        if name not in f:
+            raise KeyError(key)
+        return f[name]
+
+    def read(self, key: str, start_frame: int = 0, end_frame: Optional[int] = None) -> np.ndarray:
+        """Frames ``start_frame:end_frame`` of ``key`` by h5py slicing: only the chunks holding them are read
+        and decompressed (arrays are chunked by whole rows). See :meth:`Reader.read`."""
+        ds = self._dataset(key)
+        s, e = _frame_range(key, ds.shape, start_frame, end_frame)
+        return np.asarray(ds[s:e])
+
+    def num_frames(self, key: str) -> int:
+        """First-axis length from the dataset's shape (no data read)."""
+        return _frame_range(key, self._dataset(key).shape, 0, None)[1]
 
     def __contains__(self, key) -> bool:
         if not isinstance(key, str):
@@ -995,6 +1200,21 @@ class NpyDirReader(Reader):
     def __getitem__(self, key: str) -> np.ndarray:
         return np.load(self.path / self._files[key], allow_pickle=False)
 
+    def read(self, key: str, start_frame: int = 0, end_frame: Optional[int] = None) -> np.ndarray:
+        """Frames ``start_frame:end_frame`` of ``key`` through a memory map of its ``.npy`` (only those pages
+        are read). See :meth:`Reader.read`."""
+        m = np.load(self.path / self._files[key], mmap_mode="r", allow_pickle=False)
+        try:
+            s, e = _frame_range(key, m.shape, start_frame, end_frame)
+            return np.array(m[s:e])
+        finally:
+            del m
+
+    def num_frames(self, key: str) -> int:
+        """First-axis length from the ``.npy`` header (no data read)."""
+        m = np.load(self.path / self._files[key], mmap_mode="r", allow_pickle=False)
+        return _frame_range(key, m.shape, 0, None)[1]
+
     def __contains__(self, key) -> bool:
         return key in self._files
 
@@ -1040,6 +1260,42 @@ def _from_summary(directory: Path, only: Optional[str] = None) -> Optional[Tuple
 
 
 def open_reader(path: str | os.PathLike, name: Optional[str] = None) -> Reader:
+    """Open a Reader on ``path``, choosing the format through the registry (see :func:`_open_reader`).
+
+    A file that is truncated, corrupt, of another format than its suffix says, or holds pickled objects is a
+    ``ValueError`` naming the file and what is wrong (never a suggestion to load it unsafely).
+
+    Parameters
+    ----------
+    path : path-like
+    name : str, optional
+        Registry name (or alias) to force.
+
+    Returns
+    -------
+    Reader
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist, or ``summary.json`` names outputs that do not.
+    ValueError
+        Unknown ``name``, no registered format recognises ``path``, or the file cannot be read as its format
+        (truncated, corrupt, pickled; the message names the file).
+    """
+    try:
+        return _open_reader(path, name)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        if _pickled(e):
+            raise ValueError(f"{os.fspath(path)}: {_safe_reason(e)}") from None
+        raise
+    except Exception as e:  # a foreign file's reader failing: h5py OSError, kaldiio struct errors, EOF, ...
+        raise ValueError(f"{os.fspath(path)}: cannot read it ({_safe_reason(e)})") from None
+
+
+def _open_reader(path: str | os.PathLike, name: Optional[str] = None) -> Reader:
     """Open a Reader on ``path``, choosing the format through the registry.
 
     Parameters

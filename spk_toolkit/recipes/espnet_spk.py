@@ -194,6 +194,85 @@ def prepare(
             "train_seconds": float(np.sum([n_samples[i] for i in train_ids]) / sample_rate)}
 
 
+def prepare_from_cache(dump: str | Path, cache: str | Path, out: Optional[str | Path] = None,
+                       name: str = "fbank") -> dict:
+    """ESPnet-SPK training data options reading a feature cache instead of audio (issue 16 criterion 6).
+
+    ``cache`` is a ``kaldi_ark`` feature cache (:func:`spk_toolkit.cache_features`, ``output_format="kaldi_ark"``)
+    holding every utterance of ``<dump>/train`` and ``<dump>/valid`` (a directory written by :func:`prepare`).
+    Writes, under ``out`` (default ``<dump>/cache_<name>``)::
+
+        train/feats.scp   the cache's ``<name>.scp`` lines of the training utterances (``utt /abs/x.ark:offset``)
+        train/utt2spk spk2utt                             copies
+        train/feats_shape ``utt T,F`` (frames, feature dim), in the order of ``<dump>/train/speech_shape``
+        valid/trial.scp trial2.scp                        ``enr*tst /abs/x.ark:offset`` of the enrolment / test side
+        valid/trial_label                                 copy
+        valid/feats_shape ``enr*tst T,F`` of the enrolment side
+        spk_train.args    ``--*_data_path_and_name_and_type ...,kaldi_ark`` etc. (ESPnet's ``kaldi_ark`` type)
+
+    Use with a config that has ``frontend: null``, ``input_size: F`` and ``preprocessor: spk_frames`` with
+    ``input: features`` (e.g. ``conf/train_xvector_cached_fbank.yaml``).
+
+    Raises
+    ------
+    FileNotFoundError
+        No ``<cache>/<name>.scp`` (not a ``kaldi_ark`` cache of that output).
+    KeyError
+        An utterance of the dump that the cache lacks (named).
+    """
+    dump, cache = Path(dump), Path(cache)
+    out = Path(out) if out is not None else dump / f"cache_{name}"
+    scp = cache / f"{name}.scp"
+    if not scp.is_file():
+        raise FileNotFoundError(f"{scp}: not a kaldi_ark cache of output {name!r} (cache_features(..., "
+                                "output_format='kaldi_ark'))")
+    return _write_cache_args(dump, scp, out)
+
+
+def _read_pairs(path: Path) -> List[List[str]]:
+    return [ln.split(maxsplit=1) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def _write_cache_args(dump: Path, scp: Path, out: Path) -> dict:
+    import kaldiio
+
+    entries = dict(_read_pairs(scp))
+    shapes: Dict[str, str] = {}
+
+    def entry(u: str) -> str:
+        if u not in entries:
+            raise KeyError(f"utterance {u!r} of {dump} is not in the cache {scp}")
+        if u not in shapes:
+            shapes[u] = ",".join(str(d) for d in kaldiio.load_mat(entries[u]).shape)
+        return entries[u]
+
+    train = [u for u, _ in _read_pairs(dump / "train" / "speech_shape")]
+    _write(out / "train" / "feats.scp", [f"{u} {entry(u)}" for u in train])
+    _write(out / "train" / "feats_shape", [f"{u} {shapes[u]}" for u in train])
+    for f in ("utt2spk", "spk2utt"):
+        _write(out / "train" / f, (dump / "train" / f).read_text(encoding="utf-8").splitlines())
+    trials = [t for t, _ in _read_pairs(dump / "valid" / "trial_label")]
+    pairs = [t.split("*") for t in trials]
+    _write(out / "valid" / "trial.scp", [f"{t} {entry(a)}" for t, (a, _) in zip(trials, pairs)])
+    _write(out / "valid" / "trial2.scp", [f"{t} {entry(b)}" for t, (_, b) in zip(trials, pairs)])
+    _write(out / "valid" / "trial_label", (dump / "valid" / "trial_label").read_text(encoding="utf-8").splitlines())
+    _write(out / "valid" / "feats_shape", [f"{t} {shapes[a]}" for t, (a, _) in zip(trials, pairs)])
+    o = out.resolve()
+    n_spk = len(_read_pairs(dump / "train" / "spk2utt"))
+    _write(out / "spk_train.args", [
+        f"--train_data_path_and_name_and_type={o}/train/feats.scp,speech,kaldi_ark",
+        f"--train_data_path_and_name_and_type={o}/train/utt2spk,spk_labels,text",
+        f"--train_shape_file={o}/train/feats_shape",
+        f"--valid_data_path_and_name_and_type={o}/valid/trial.scp,speech,kaldi_ark",
+        f"--valid_data_path_and_name_and_type={o}/valid/trial2.scp,speech2,kaldi_ark",
+        f"--valid_data_path_and_name_and_type={o}/valid/trial_label,spk_labels,text",
+        f"--valid_shape_file={o}/valid/feats_shape",
+        f"--spk2utt={o}/train/spk2utt",
+        f"--spk_num={n_spk}",
+    ])  # fmt: skip
+    return {"n_train": len(train), "n_trials": len(trials), "n_spk": n_spk, "out": str(o)}
+
+
 def train_args(out: str | Path) -> List[str]:
     """The data options written to ``<out>/spk_train.args`` (for building a ``spk_train`` command line)."""
     return Path(out, "spk_train.args").read_text(encoding="utf-8").split()

@@ -22,7 +22,12 @@ from spk_toolkit.backends.espnet.checkpoint import (  # noqa: F401 - re-exported
     read_state_dict,
     unwrap_state_dict,
 )
+from spk_toolkit.features.espnet import register_espnet_choices
 from spk_toolkit.train.spk_trainer import SpkTrainer
+
+# frontend: kaldi_fbank (the cache's Kaldi fbank from audio), preprocessor: spk_frames (crops on the fbank frame grid:
+# cached (T, F) features, or audio aligned to them); see spk_toolkit.features.espnet
+register_espnet_choices()
 
 __all__ = [
     "NOT_FOR_EMBEDDINGS",
@@ -37,7 +42,11 @@ __all__ = [
 
 
 class SpeakerTask(_EspnetSpeakerTask):
-    """``espnet2.tasks.spk.SpeakerTask`` whose ``trainer`` is spk_toolkit's :class:`SpkTrainer`."""
+    """``espnet2.tasks.spk.SpeakerTask`` whose ``trainer`` is spk_toolkit's :class:`SpkTrainer`.
+
+    Also knows ``frontend: kaldi_fbank`` and ``preprocessor: spk_frames`` (:mod:`spk_toolkit.features.espnet`,
+    registered into ESPnet's class choices at import) for training from cached fbank or from audio with the same fbank.
+    """
 
     trainer = SpkTrainer
 
@@ -62,9 +71,14 @@ class SpeakerTask(_EspnetSpeakerTask):
         Raises
         ------
         ValueError
-            The checkpoint lacks weights of the embedding path (see :func:`check_checkpoint`).
+            The checkpoint lacks weights of the embedding path (see :func:`check_checkpoint`), or is truncated,
+            not a checkpoint, or holds pickled objects (:func:`read_state_dict`; names the file).
+        FileNotFoundError
+            ``model_file`` does not exist.
         """
+        # weights only, first: a truncated, foreign or pickled checkpoint is refused naming the file
+        sd = read_state_dict(model_file) if model_file is not None else None
         model, args = super().build_model_from_file(config_file, model_file, device)
         if model_file is not None:
-            check_checkpoint(model, model_file, config_file)
+            check_checkpoint(model, model_file, config_file, state_dict=sd)
         return model, args

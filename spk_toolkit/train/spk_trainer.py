@@ -27,6 +27,10 @@ Each step yields ``(ids, batch)``: ``ids`` are trial ids ``"<enroll>*<test>"`` (
   (samples; all of ``T`` when absent),
 
 plus ``batch["spk_labels"]`` (B,) or (B, 1) with 1 = target, 0 = nontarget, and optionally ``task_tokens``.
+A model whose ``frontend`` is None (``frontend: null``, trained from cached features such as the ``kaldi_ark``
+fbank of :func:`spk_toolkit.cache_features`) is fed features instead: ``(B, n_crops, T, F)`` crops (the
+``spk_frames`` preprocessor, :mod:`spk_toolkit.features.espnet`) or ``(B, T, F)`` with frame counts, embedded by
+:meth:`spk_toolkit.backends.espnet.EspnetSpeakerModel.embed_features`.
 
 Policies (documented choices)
 -----------------------------
@@ -128,29 +132,42 @@ def split_trial_id(trial_id: str) -> Tuple[str, str]:
     return parts[0], parts[1]
 
 
-def utterance_rows(batch: Dict[str, torch.Tensor], key: str) -> List[Tuple[torch.Tensor, int]]:
-    """Per batch item, the rows to embed and their true length in samples.
+def utterance_rows(batch: Dict[str, torch.Tensor], key: str,
+                   features: bool = False) -> List[Tuple[torch.Tensor, int]]:
+    """Per batch item, the rows to embed and their true length in samples (frames for features).
 
     Parameters
     ----------
     batch : dict
         ESPnet collated batch.
     key : {"speech", "speech2"}
+    features : bool, default=False
+        The model has no frontend (``frontend: null``): ``speech`` holds features, ``(B, n_crops, T, F)`` crops
+        or ``(B, T, F)`` whole zero-padded utterances (frames in ``<key>_lengths``), e.g. cached fbank.
 
     Returns
     -------
     list of (rows, length)
         ``rows`` is ``(n_crops, T_crop)`` for crops (``length = T_crop``) or ``(1, T)`` for a whole zero-padded
-        utterance (``length`` from ``<key>_lengths``).
+        utterance (``length`` from ``<key>_lengths``); with ``features``, the same with a trailing ``F`` axis.
 
     Raises
     ------
     ValidationError
-        Missing key or a tensor that is neither 2-D nor 3-D.
+        Missing key or a tensor of another layout.
     """
     if key not in batch:
         raise ValidationError(f"batch has no {key!r} (keys: {sorted(batch)}); validation needs trial pairs")
     x = batch[key]
+    if features:
+        if x.dim() == 4:
+            return [(x[i], int(x.shape[2])) for i in range(x.shape[0])]
+        if x.dim() == 3:
+            lens = batch.get(f"{key}_lengths")
+            lens = [int(x.shape[1])] * x.shape[0] if lens is None else [int(v) for v in lens.reshape(-1).tolist()]
+            return [(x[i : i + 1], lens[i]) for i in range(x.shape[0])]
+        raise ValidationError(f"{key} must be (B, n_crops, T, F) feature crops or (B, T, F) features (the model has "
+                              f"no frontend), got {tuple(x.shape)}")
     if x.dim() == 3:
         return [(x[i], int(x.shape[2])) for i in range(x.shape[0])]
     if x.dim() == 2:
@@ -190,6 +207,9 @@ class UniqueEmbedder:
         Utterances per forward (>= 1).
     average : bool
         Keep the crop mean ``(D,)`` (True) or all crops ``(n_crops, D)`` (False).
+    features : bool, default=False
+        Rows are features ``(n, T, F)`` of a model without frontend (lengths in frames), embedded by the backend's
+        ``embed_features``; else waveforms ``(n, T)``.
 
     Attributes
     ----------
@@ -206,7 +226,7 @@ class UniqueEmbedder:
         be found.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk: int, average: bool):
+    def __init__(self, model: torch.nn.Module, chunk: int, average: bool, features: bool = False):
         from spk_toolkit.backends.espnet import EspnetSpeakerModel
 
         if chunk < 1:
@@ -215,6 +235,7 @@ class UniqueEmbedder:
         self.model = model
         self.chunk = int(chunk)
         self.average = average
+        self.features = bool(features)
         self.embeddings: Dict[str, np.ndarray] = {}
         self._seen: set = set()
         self._pending: List[Tuple[str, torch.Tensor, int]] = []
@@ -234,7 +255,7 @@ class UniqueEmbedder:
 
     def _forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.task_token is None:
-            return self.backend.embed(wav, lengths)
+            return self.backend.embed_features(wav, lengths) if self.features else self.backend.embed(wav, lengths)
         # task tokens are not part of the backend's masked forward: ESPnet's forward on equal-length groups.
         dev = self.backend.device
         out = torch.zeros(wav.shape[0], self.backend.embed_dim)
@@ -251,7 +272,7 @@ class UniqueEmbedder:
             return
         counts = [r.shape[0] for _, r, _ in self._pending]
         T = max(r.shape[1] for _, r, _ in self._pending)
-        wav = torch.zeros(sum(counts), T, dtype=torch.float32)
+        wav = torch.zeros(sum(counts), T, *self._pending[0][1].shape[2:], dtype=torch.float32)  # (N, T[, F])
         lengths = torch.zeros(sum(counts), dtype=torch.int64)
         o = 0
         for (_, r, L), n in zip(self._pending, counts):
@@ -672,6 +693,8 @@ class SpkTrainer(Trainer):
         net.eval()
         if world > 1:
             sync_buffers(net)
+        # a model without frontend (frontend: null) is fed features (cached fbank): (B, n_crops, T, F) / (B, T, F)
+        features = hasattr(net, "frontend") and net.frontend is None
         emb: Optional[UniqueEmbedder] = None
         enroll: List[str] = []
         test: List[str] = []
@@ -680,13 +703,13 @@ class SpkTrainer(Trainer):
         for ids, batch in iterator:
             assert isinstance(batch, dict), type(batch)
             if emb is None:
-                emb = UniqueEmbedder(net, max(1, len(ids)), average=True)
+                emb = UniqueEmbedder(net, max(1, len(ids)), average=True, features=features)
             # ESPnet's forward batch: as many utterances as the largest batch has trials
             emb.chunk = max(emb.chunk, len(ids))
             if "task_tokens" in batch:
                 emb.task_token = batch["task_tokens"][0]
             labels.append(trial_labels(batch, len(ids)))
-            r1s, r2s = utterance_rows(batch, "speech"), utterance_rows(batch, "speech2")
+            r1s, r2s = utterance_rows(batch, "speech", features), utterance_rows(batch, "speech2", features)
             for tid, (r1, l1), (r2, l2) in zip(ids, r1s, r2s):
                 u1, u2 = split_trial_id(tid)
                 enroll.append(u1)
@@ -875,6 +898,9 @@ def build_valid_iterator(train_args, distributed_option: Optional[DistributedOpt
     """
     from espnet2.tasks.spk import SpeakerTask  # ESPnet's own: the iterator does not depend on the trainer
 
+    from spk_toolkit.features.espnet import register_espnet_choices
+
+    register_espnet_choices()  # preprocessor: spk_frames
     dopt = distributed_option or DistributedOption(distributed=False)
     return SpeakerTask.build_iter_factory(args=train_args, distributed_option=dopt, mode="valid").build_iter(0)
 

@@ -10,11 +10,12 @@ Models are built with ESPnet's own ``espnet2.tasks.spk.SpeakerTask`` (never spk_
 :mod:`spk_toolkit.tasks.spk`, which exists to plug in spk_toolkit's trainer). Importing ``espnet2.tasks.spk``
 imports ``espnet2.train.trainer`` (``espnet2/tasks/abs_task.py`` and ``espnet2/tasks/spk.py`` import ESPnet's
 trainers at module level), so it happens only inside :func:`build_espnet_model` and :func:`_complete_config`;
-the checkpoint functions only need ``espnet2.torch_utils.safe_torch_load``.
+the checkpoint functions only need torch (:func:`read_state_dict`: weights only, never an unsafe fallback).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import tempfile
@@ -121,7 +122,11 @@ def checkpoint_coverage(model: torch.nn.Module, state_dict: Dict[str, torch.Tens
 
 
 def read_state_dict(model_file: str | os.PathLike) -> Dict[str, torch.Tensor]:
-    """Load a checkpoint's state dict on the CPU with ESPnet's ``safe_torch_load`` (``weights_only=True``).
+    """Load a checkpoint's state dict on the CPU, weights only (``torch.load(..., weights_only=True)``).
+
+    Never falls back to unpickling arbitrary objects and never asks (ESPnet's ``safe_torch_load`` can prompt on a
+    terminal, or unpickle when ``ESPNET_ALLOW_UNSAFE_TORCH_LOAD`` is set): a file that is not plain weights is
+    refused with a message naming it.
 
     Parameters
     ----------
@@ -135,19 +140,45 @@ def read_state_dict(model_file: str | os.PathLike) -> Dict[str, torch.Tensor]:
 
     Raises
     ------
-    ValueError
-        The file holds no state dict (message names the file).
     FileNotFoundError
         No such file.
-    RuntimeError
-        A file that ``safe_torch_load`` will not load as weights (e.g. not a checkpoint).
+    ValueError
+        Names the file: ``empty file``, ``truncated or not a PyTorch checkpoint (...)``, ``holds pickled Python
+        objects besides tensors (refused ...)``, or holds no state dict.
     """
-    from espnet2.torch_utils.safe_torch_load import safe_torch_load
+    import pickle
+    import zipfile
 
+    p = os.fspath(model_file)
+    if not os.path.exists(p):
+        raise FileNotFoundError(errno.ENOENT, "checkpoint not found", p)
+    if os.path.isdir(p):
+        raise ValueError(f"{p}: a directory, not a checkpoint file")
+    if os.path.getsize(p) == 0:
+        raise ValueError(f"{p}: empty file (0 bytes), not a checkpoint")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip, or the legacy pickle format
+        raise ValueError(f"{p}: not a PyTorch checkpoint (neither torch.save's zip format nor its legacy format)")
     try:
-        return unwrap_state_dict(safe_torch_load(model_file, map_location="cpu"))
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise ValueError(f"{p}: holds pickled Python objects besides tensors; refused (only weights are "
+                             "loaded: save the model's state_dict())") from None
+        raise ValueError(f"{p}: not a PyTorch checkpoint ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ValueError(f"{p}: truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
+    try:
+        return unwrap_state_dict(obj)
     except ValueError as e:
-        raise ValueError(f"{model_file}: {e}") from e
+        raise ValueError(f"{p}: {e}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    first = lines[0].strip().split(". ")[0].rstrip(".") if lines else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def check_checkpoint(model: torch.nn.Module, model_file: str | os.PathLike, config_file=None, state_dict=None) -> None:
@@ -312,11 +343,16 @@ def build_espnet_model(
     import yaml
     from espnet2.tasks.spk import SpeakerTask  # ESPnet's own task; imports espnet2.train.trainer
 
+    from spk_toolkit.features.espnet import register_espnet_choices
+
+    register_espnet_choices()  # frontend: kaldi_fbank, preprocessor: spk_frames (models trained with them)
     conf, filled = _complete_config(train_config)
     if not filled:  # an experiment's config.yaml: ESPnet's own loading, then the coverage check
+        # read (weights only) first: a truncated or pickled file is refused naming it, before ESPnet's loader
+        sd = read_state_dict(model_file) if model_file is not None else None
         model, args = SpeakerTask.build_model_from_file(str(train_config), model_file, device)
         if model_file is not None:
-            check_checkpoint(model, model_file, train_config)
+            check_checkpoint(model, model_file, train_config, state_dict=sd)
         return model, args
     with tempfile.TemporaryDirectory(prefix="spk_toolkit_espnet_") as tmp:
         path = Path(tmp) / "config.yaml"

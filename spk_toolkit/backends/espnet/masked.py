@@ -244,7 +244,7 @@ def _masked_pooling(pool, x: torch.Tensor, lengths: torch.Tensor, divisor: torch
 # support check
 
 
-def masked_support(model) -> Tuple[bool, str]:
+def masked_support(model, features: bool = False) -> Tuple[bool, str]:
     """Whether :class:`EspnetSpeakerModel` has an exact masked forward for this ESPnet speaker model.
 
     Parameters
@@ -253,6 +253,9 @@ def masked_support(model) -> Tuple[bool, str]:
         An ESPnet speaker model, or any module with ESPnet's ``forward(speech, speech_lengths, ...,
         extract_embd=True)`` contract; a module without ``frontend`` / ``encoder`` / ``pooling`` attributes is
         reported as not covered (never an ``AttributeError``).
+    features : bool, default=False
+        The input is features (``frontend: null``, e.g. cached fbank, :meth:`EspnetSpeakerModel.embed_features`):
+        a model without frontend is then covered when its encoder and pooling are.
 
     Returns
     -------
@@ -271,10 +274,10 @@ def masked_support(model) -> Tuple[bool, str]:
     from espnet2.spk.projector.ska_tdnn_projector import SkaTdnnProjector
     from espnet2.spk.projector.xvector_projector import XvectorProjector
 
-    if getattr(model, "frontend", None) is None:
-        if not hasattr(model, "frontend"):
-            return False, f"{type(model).__name__} has no frontend attribute (not an ESPnet speaker model)"
-        return False, "model has no frontend (waveform-input encoder such as RawNet3)"
+    if not hasattr(model, "frontend"):
+        return False, f"{type(model).__name__} has no frontend attribute (not an ESPnet speaker model)"
+    if model.frontend is None and not features:
+        return False, "model has no frontend (its input is a waveform, e.g. RawNet3, or features: embed_features)"
     enc = getattr(model, "encoder", None)
     if type(enc) not in (XvectorEncoder, EcapaTdnnEncoder, ResNetEncoder):
         return False, f"encoder {type(enc).__name__} has no masked forward"

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from spk_toolkit.backends.base import EmbeddingModel, register_backend
+from spk_toolkit.backends.base import EmbeddingModel, register_backend, toolkit_output
 from spk_toolkit.backends.espnet.checkpoint import build_espnet_model
 from spk_toolkit.backends.espnet.masked import (
     _masked_ecapa,
@@ -76,9 +76,12 @@ def weights_sha256(model: torch.nn.Module) -> str:
 def model_sample_rate(model: torch.nn.Module, args=None) -> int:
     """Hz a speaker model expects: its frontend's mel rate (``frontend.logmel.mel_options["sr"]``), else
     ``args.sample_rate``, else 16000 (also for modules without a ``frontend``)."""
-    logmel = getattr(getattr(model, "frontend", None), "logmel", None)
+    fe = getattr(model, "frontend", None)
+    logmel = getattr(fe, "logmel", None)
     if logmel is not None and "sr" in getattr(logmel, "mel_options", {}):
         return int(logmel.mel_options["sr"])
+    if isinstance(getattr(fe, "sample_rate", None), int):  # spk_toolkit's KaldiFbankFrontend
+        return int(fe.sample_rate)
     if getattr(args, "sample_rate", None):
         return int(args.sample_rate)
     return 16000
@@ -143,6 +146,12 @@ class EspnetSpeakerModel(EmbeddingModel):
     """
 
     name = "espnet"
+    tag_argument = "model_tag"
+    requires = ("espnet2", "torch_complex", "sentencepiece", "librosa")
+    install = ("pip install 'spk_toolkit[espnet]' -c constraints.txt && pip install --no-deps espnet==202611 "
+               "(pip must not resolve espnet: it would replace torch); model tags also need espnet_model_zoo")
+    description = ("ESPnet-SPK models (x-vector, ECAPA-TDNN, ResNet, ...) from train_config + model_file, or a "
+                   "model_tag / unpacked model directory; masked, padding-invisible batches")
 
     def __init__(
         self,
@@ -156,12 +165,10 @@ class EspnetSpeakerModel(EmbeddingModel):
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
         try:
-            import espnet2.tasks.spk  # noqa: F401
+            with toolkit_output("espnet2"):  # its import prints "Failed to import Flash Attention" on stderr
+                import espnet2.tasks.spk  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "the espnet backend needs espnet2: install with `make setup` "
-                "(pip install --no-deps espnet==202611 plus its runtime deps)"
-            ) from e
+            raise ImportError(f"the espnet backend needs espnet2 ({e}): {self.install}") from e
 
         if model_tag is not None:
             if train_config is not None or model_file is not None:
@@ -455,13 +462,17 @@ class EspnetSpeakerModel(EmbeddingModel):
         ValueError
             If the architecture has no masked forward (see :func:`masked_support`).
         """
-        from espnet2.spk.encoder.ecapa_tdnn_encoder import EcapaTdnnEncoder
-        from espnet2.spk.encoder.resnet_encoder import ResNetEncoder
-
         ok, reason = masked_support(self.model)
         if not ok:
             raise ValueError(f"no masked forward: {reason}")
         feats, frames, divisor = self.features(wav, lengths)
+        return self._masked_from_features(feats, frames, divisor)
+
+    def _masked_from_features(self, feats: torch.Tensor, frames: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+        """Masked encoder + pooling + projector on zero-padded features ``(B, T_f, F)`` (after normalize)."""
+        from espnet2.spk.encoder.ecapa_tdnn_encoder import EcapaTdnnEncoder
+        from espnet2.spk.encoder.resnet_encoder import ResNetEncoder
+
         enc = self.model.encoder
         if type(enc) is EcapaTdnnEncoder:
             x, L = _masked_ecapa(enc, feats, frames)
@@ -471,6 +482,64 @@ class EspnetSpeakerModel(EmbeddingModel):
             x, L = _masked_xvector(enc, feats, frames)
         pooled = _masked_pooling(self.model.pooling, x, L, divisor)
         return self.model.project_spk_embd(pooled)
+
+    def embed_features(self, feats: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Embed features of a model without frontend (``frontend: null``, e.g. trained from cached fbank).
+
+        The features go where the frontend's output would: ``normalize`` (per group of equal length, as
+        :meth:`features` does), then the masked encoder and pooling (divisor: the frame counts, what ESPnet's model
+        uses for an unpadded utterance) when :func:`masked_support` covers the architecture with ``features=True``,
+        else ESPnet's own forward on groups of exactly equal length. So an utterance's embedding equals that of the
+        same model with a frontend computing these features (:class:`spk_toolkit.features.espnet.KaldiFbankFrontend`)
+        on its audio, and does not depend on its batch.
+
+        Parameters
+        ----------
+        feats : torch.Tensor of shape (B, T, F), float
+            Zero-padded after each utterance's frames.
+        frames : torch.Tensor of shape (B,), int64
+            True frame counts (``1 <= frames <= T``).
+
+        Returns
+        -------
+        torch.Tensor of shape (B, D), float32, on the CPU
+
+        Raises
+        ------
+        ValueError
+            Bad shapes or frame counts.
+        """
+        if feats.dim() != 3:
+            raise ValueError(f"features must be (B, T, F), got shape {tuple(feats.shape)}")
+        frames = torch.as_tensor(frames).to(torch.int64).reshape(-1)
+        if frames.numel() != feats.shape[0]:
+            raise ValueError(f"{frames.numel()} frame counts for a batch of {feats.shape[0]}")
+        if feats.shape[0] == 0:
+            return torch.zeros(0, self.embed_dim)
+        if int(frames.max()) > feats.shape[1] or int(frames.min()) < 1:
+            raise ValueError(f"frame counts must lie in [1, {feats.shape[1]}], got {frames.tolist()}")
+        feats, frames = feats.to(self.device, torch.float32), frames.to(self.device)
+        m = self.model
+        ok, _ = masked_support(m, features=True)
+        with torch.inference_mode():
+            if ok and self.requested_batch_mode in ("auto", "masked"):
+                per: List[Optional[torch.Tensor]] = [None] * feats.shape[0]
+                for L, idx in self._groups(frames):
+                    f = feats[idx, :L]
+                    if getattr(m, "normalize", None) is not None:
+                        f, _ = m.normalize(f, None)
+                    for j, i in enumerate(idx.tolist()):
+                        per[i] = f[j]
+                padded = torch.nn.utils.rnn.pad_sequence(per, batch_first=True)
+                out = self._masked_from_features(padded, frames, frames.to(torch.float32))
+            else:
+                out = [None] * feats.shape[0]
+                for L, idx in self._groups(frames):
+                    emb = m(feats[idx, :L], None, extract_embd=True)
+                    for j, i in enumerate(idx.tolist()):
+                        out[i] = emb[j]
+                out = torch.stack(out)
+        return out.float().cpu()
 
     def espnet_forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ESPnet's own (padding-sensitive) batched forward, for comparisons: (B, T), (B,) -> (B, D) on CPU."""
