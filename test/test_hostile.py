@@ -58,8 +58,8 @@ def leftovers(out: Path) -> list:
 
 
 def nothing_written(out: Path) -> bool:
-    """No output of a run (a ``run.log`` of the CLI may record the failure)."""
-    return not out.exists() or set(os.listdir(out)) <= {"run.log"}
+    """Nothing at all under ``out``: the run was refused before it wrote a file (its ``run.log`` included)."""
+    return not out.exists() or not os.listdir(out)
 
 
 def assert_intact(out: Path, ref: dict, keys=None) -> dict:
@@ -732,7 +732,8 @@ def test_trial_lists(case, clean_whole, tmp_path):
     clean = json.loads((tmp_path / "clean_scores" / "metrics.json").read_text())["trials"]["clean"]
     if code == 2:
         assert re.search(pattern, last_line(err)), last_line(err)
-        assert "Traceback" not in err and nothing_written(out)
+        # no score file; unknown keys are found after the embeddings were read, which run.log records
+        assert "Traceback" not in err and (nothing_written(out) or set(os.listdir(out)) == {"run.log"})
         trials.write_text(CLEAN_TRIALS)  # the fix
         rc, err = cli(spk_score.main, argv[: argv.index("--no_plots") + 1])
         assert rc == 0, err

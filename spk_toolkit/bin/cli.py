@@ -181,10 +181,17 @@ class RunLogHandler(logging.handlers.WatchedFileHandler):
 
     def __init__(self, path, header: str):
         self.header = header
-        super().__init__(path, mode="a", encoding="utf-8", delay=False)
+        # opened (and its directory created) at the first record: a run refused while its inputs are checked
+        # writes nothing into --output_dir
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
 
     def _open(self):
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.baseFilename)), exist_ok=True)
         f = super()._open()
+        st = os.fstat(f.fileno())  # what WatchedFileHandler compares with, so a lazy first open is not "moved"
+        self.dev, self.ino = st.st_dev, st.st_ino
         f.write(self.header)
         f.flush()
         return f
@@ -199,7 +206,8 @@ def open_run_log(output_dir, prog: str, argv: Optional[Sequence[str]] = None) ->
     Parameters
     ----------
     output_dir : path
-        Created when missing.
+        Created when missing, at the first log record (not before: a run refused while its inputs are checked
+        leaves nothing behind).
     prog : str
         The command's name.
     argv : sequence of str, optional
@@ -224,7 +232,6 @@ def open_run_log(output_dir, prog: str, argv: Optional[Sequence[str]] = None) ->
     header = (f"==== {datetime.datetime.now().isoformat(timespec='seconds')} {socket.gethostname()} pid "
               f"{os.getpid()}: {prog} {shlex.join(args)}\n")
     try:
-        os.makedirs(os.fspath(output_dir), exist_ok=True)
         handler = RunLogHandler(path, header)
     except OSError as e:
         logging.getLogger(prog).warning("cannot write %s (%s); logging to stderr only", path, e)
