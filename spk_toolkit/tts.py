@@ -84,21 +84,25 @@ class TTSCorpus:
 def read_keys(path: str | os.PathLike) -> List[str]:
     """The first field of every non-empty line of a Kaldi-style file (``text``, an scp), in file order.
 
+    Read through :func:`spk_toolkit.io.textio.iter_lines` (the one reader of input files: UTF-8, a byte-order
+    mark stripped, CRLF accepted, blank lines skipped).
+
     Raises
     ------
     CorpusError
         A key appears twice (names the file, the line and the key).
+    spk_toolkit.io.textio.TextFileError
+        The file cannot be read, or a line is not UTF-8 (``file:line``).
     """
+    from spk_toolkit.io.textio import iter_lines
+
     keys, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.split(maxsplit=1)
-            if not fields:
-                continue
-            if fields[0] in seen:
-                raise CorpusError(f"{path}:{n}: key {fields[0]!r} appears twice (first on line {seen[fields[0]]})")
-            seen[fields[0]] = n
-            keys.append(fields[0])
+    for n, line in iter_lines(path, what=Path(path).name):
+        key = line.split(maxsplit=1)[0]
+        if key in seen:
+            raise CorpusError(f"{path}:{n}: key {key!r} appears twice (first on line {seen[key]})")
+        seen[key] = n
+        keys.append(key)
     return keys
 
 
@@ -185,13 +189,10 @@ def _error_reasons(run_dir: Path) -> Dict[str, str]:
     p = run_dir / "errors.tsv"
     if not p.is_file():
         return {}
-    try:
-        from spk_toolkit.engine.merge import read_errors_tsv
+    from spk_toolkit.engine.merge import read_errors_tsv
 
+    try:
         return {u: r for u, _, r in read_errors_tsv(p)}
-    except ImportError:  # an engine without the csv reader: plain TAB-separated rows
-        rows = [line.split("\t") for line in p.read_text(encoding="utf-8").splitlines()[1:]]
-        return {r[0]: r[-1] for r in rows if len(r) >= 3}
     except (OSError, ValueError):
         return {}
 

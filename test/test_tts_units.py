@@ -143,3 +143,12 @@ def test_relative_scp_entries_resolve_against_the_scp_and_its_parents(tmp_path, 
     np.testing.assert_array_equal(open_reader(scp)["u1"], np.arange(3, dtype=np.float32))
     scp.write_text(f"u1 xvector.ark:{off}\n")  # relative to the scp itself
     np.testing.assert_array_equal(open_reader(os.path.relpath(scp))["u1"], np.arange(3, dtype=np.float32))
+
+
+def test_text_keys_read_through_the_one_input_reader(tmp_path):
+    """A BOM and CRLF in ``text`` (Windows editors) do not become part of the first utterance id."""
+    from spk_toolkit.tts import read_keys
+
+    p = tmp_path / "text"
+    p.write_bytes("\ufeffu1 hello\r\n\r\nu2 world\r\n".encode("utf-8"))
+    assert read_keys(p) == ["u1", "u2"]

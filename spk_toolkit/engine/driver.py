@@ -80,6 +80,7 @@ class Accounting:
         self.label = label
 
     def start_progress(self, todo: Sequence[int]) -> None:
+        """Open the tqdm bar over the audio of the shards ``todo`` (seconds; only with ``opts.progress``)."""
         if self.opts.progress and todo:
             from tqdm import tqdm
 
@@ -87,10 +88,12 @@ class Accounting:
                              unit_scale=True, desc=self.label, dynamic_ncols=True, mininterval=1.0)
 
     def progress(self, seconds: float) -> None:
+        """Advance the bar by ``seconds`` of planned audio (the executors' ``on_progress`` callback)."""
         if self.pbar is not None:
             self.pbar.update(round(seconds))
 
     def close(self) -> None:
+        """Close the bar (also after an error)."""
         if self.pbar is not None:
             self.pbar.close()
 
@@ -111,6 +114,7 @@ class Accounting:
 
     @property
     def padding_waste(self) -> float:
+        """Fraction of padded samples over the batches computed in this run: ``1 - true / padded`` (0 = none)."""
         return 1.0 - self.true_samples / self.padded_samples if self.padded_samples else 0.0
 
 
