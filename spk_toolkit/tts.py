@@ -106,6 +106,34 @@ def read_keys(path: str | os.PathLike) -> List[str]:
     return keys
 
 
+def read_scp_entries(path: str | os.PathLike) -> List[Tuple[str, str]]:
+    """``[(key, value), ...]`` of a Kaldi scp in file order (the value is the rest of the line, e.g. ``ark:offset``).
+
+    Read through :func:`spk_toolkit.io.textio.iter_lines` (UTF-8, a byte-order mark stripped, CRLF accepted,
+    blank lines skipped).
+
+    Raises
+    ------
+    CorpusError
+        A line without a value, or a key twice (names ``file:line`` and the key).
+    spk_toolkit.io.textio.TextFileError
+        The file cannot be read, or a line is not UTF-8.
+    """
+    from spk_toolkit.io.textio import iter_lines
+
+    rows: List[Tuple[str, str]] = []
+    seen: Dict[str, int] = {}
+    for n, line in iter_lines(path, what=Path(path).name):
+        fields = line.split(maxsplit=1)
+        if len(fields) != 2:
+            raise CorpusError(f"{path}:{n}: expected 'key value', got {line.strip()!r}")
+        if fields[0] in seen:
+            raise CorpusError(f"{path}:{n}: key {fields[0]!r} appears twice (first on line {seen[fields[0]]})")
+        seen[fields[0]] = n
+        rows.append((fields[0], fields[1].strip()))
+    return rows
+
+
 def load_tts_corpus(in_folder: str | os.PathLike) -> TTSCorpus:
     """Read an ESPnet TTS data dir (``wav.scp``, ``text``, ``utt2spk``, ``spk2utt``; ``segments`` honoured).
 
@@ -875,17 +903,9 @@ def check_scp_order(scp: str | os.PathLike, text: str | os.PathLike, fix: bool =
 
     scp, text = Path(scp), Path(text)
     tkeys = read_keys(text)
-    entries: Dict[str, str] = {}
-    order: List[str] = []
-    with open(scp, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.rstrip("\n").split(maxsplit=1)
-            if not fields:
-                continue
-            if fields[0] in entries:
-                raise CorpusError(f"{scp}:{n}: key {fields[0]!r} appears twice")
-            entries[fields[0]] = fields[1] if len(fields) > 1 else ""
-            order.append(fields[0])
+    rows = read_scp_entries(scp)
+    entries: Dict[str, str] = dict(rows)
+    order: List[str] = [k for k, _ in rows]
     tset = set(tkeys)
     missing = [k for k in tkeys if k not in entries]
     extra = [k for k in order if k not in tset]
@@ -948,20 +968,8 @@ def convert_to_average(utt_embed_path: str | os.PathLike, spk_embed_path: str | 
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"{flag} {p} does not exist")
 
-    def read_scp(path) -> List[Tuple[str, str]]:
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                fields = line.rstrip("\n").split(maxsplit=1)
-                if not fields:
-                    continue
-                if len(fields) != 2:
-                    raise ValueError(f"{path}:{n}: expected 'key value', got {line.rstrip()!r}")
-                rows.append((fields[0], fields[1]))
-        return rows
-
-    spk_rows = dict(read_scp(spk_embed_path))
-    utt_rows = read_scp(utt_embed_path)
+    spk_rows = dict(read_scp_entries(spk_embed_path))
+    utt_rows = read_scp_entries(utt_embed_path)
     if spk_id is not None:
         if spk_id not in spk_rows:
             raise ValueError(f"--spk-id {spk_id!r} is not in {spk_embed_path}")

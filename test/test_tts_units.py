@@ -152,3 +152,15 @@ def test_text_keys_read_through_the_one_input_reader(tmp_path):
     p = tmp_path / "text"
     p.write_bytes("\ufeffu1 hello\r\n\r\nu2 world\r\n".encode("utf-8"))
     assert read_keys(p) == ["u1", "u2"]
+
+
+def test_scp_entries_one_reader_bom_crlf_and_duplicates(tmp_path):
+    from spk_toolkit.io.datadir import CorpusError
+    from spk_toolkit.tts import read_scp_entries
+
+    p = tmp_path / "x.scp"
+    p.write_bytes("\ufeffa /d/x.ark:12\r\nb /d/x.ark:40\r\n".encode("utf-8"))
+    assert read_scp_entries(p) == [("a", "/d/x.ark:12"), ("b", "/d/x.ark:40")]
+    p.write_text("a /d/x.ark:12\na /d/x.ark:40\n")
+    with pytest.raises(CorpusError, match=r"x.scp:2: key 'a' appears twice"):
+        read_scp_entries(p)
