@@ -7,7 +7,7 @@ data pipeline on its first pass, one ``torch.save`` ``.pt`` per id; and ``Cached
 file written by one process), when speechbrain is importable.
 
 Reads, one epoch through a ``torch.utils.data.DataLoader`` (same batch size, workers and padded collate for every
-way): each cache (:class:`spk_toolkit.features.CacheDataset`), SpeechBrain's caches, and computing fbank on the fly
+way): each cache (:class:`spk_toolkit.features.cache.CacheDataset`), SpeechBrain's caches, and computing fbank on the fly
 in the loader (decode + resample + fbank per item: what training without a cache does every epoch). MB/s counts
 the float32 feature bytes delivered; best of ``--repeats`` epochs, ways alternating in order per repetition.
 lhotse's batch extraction is timed too when lhotse is importable (it is not in this environment).

@@ -22,7 +22,7 @@ import torch
 
 import spk_toolkit
 from spk_toolkit.engine import ExtractionError
-from spk_toolkit.features import StaleCacheError
+from spk_toolkit.features.cache import StaleCacheError
 from spk_toolkit.features.cache import CacheDataset, collate_frames
 from spk_toolkit.io.atomic import is_temporary
 from spk_toolkit.testing import make_subset

@@ -8,7 +8,10 @@ One driver (:func:`extract`, in :mod:`spk_toolkit.engine.driver`) for every entr
 * :mod:`~spk_toolkit.engine.shards`: the shard file format, its verification;
 * :mod:`~spk_toolkit.engine.merge`: verify + merge into the storage formats, ``summary.json``.
 
-Executors (in-process, torchrun, Dask) are in :mod:`spk_toolkit.parallel`; docs/architecture.md has the picture.
+* :mod:`~spk_toolkit.engine.executor`: the executor protocol, its registry and the in-process executor (torchrun and
+  Dask register from :mod:`spk_toolkit.parallel`).
+
+docs/architecture.md has the picture.
 """
 import importlib
 
@@ -16,6 +19,7 @@ import importlib
 # does not import torch
 _EXPORTS = {
     "extract": "driver", "verify_finished": "driver",
+    "Executor": "executor", "make_executor": "executor", "register_executor": "executor",
     "format_summary": "merge", "merge": "merge", "remove_run": "merge",
     "ErrorPolicy": "options", "ExtractionError": "options", "ExtractOptions": "options",
     "Plan": "plan", "make_shards": "plan", "prepare_run": "plan",

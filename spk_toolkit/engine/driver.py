@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from spk_toolkit.engine.executor import make_executor
 from spk_toolkit.engine.merge import merge, remove_run
 from spk_toolkit.engine.options import ErrorPolicy, ExtractionError, ExtractOptions
 from spk_toolkit.engine.plan import Plan, prepare_run, read_corpus
@@ -144,7 +145,8 @@ def extract(
     model_kwargs : dict, optional
         Backend constructor arguments (``device``, ``train_config``, ``model_file`` ...).
     executor : str, optional
-        ``inprocess`` (default), ``torchrun`` or ``dask`` (:mod:`spk_toolkit.parallel`). Never chosen from the
+        ``inprocess`` (default), ``torchrun``, ``dask`` or any registered name (:mod:`spk_toolkit.engine.executor`;
+        the last two live in :mod:`spk_toolkit.parallel`). Never chosen from the
         environment here: the CLIs detect a torchrun launch and pass ``executor="torchrun"``.
     parallel : path or dict, optional
         Dask parallel config (implies ``executor="dask"``).
@@ -174,8 +176,6 @@ def extract(
     KeyboardInterrupt
         Ctrl-C: the shards committed so far stay on disk, so a rerun resumes.
     """
-    from spk_toolkit.parallel import make_executor
-
     opts = ExtractOptions(**options)
     t0 = time.perf_counter()
     out = Path(output_dir)

@@ -14,7 +14,9 @@ name           class                                         output per utteranc
 Any callable or ``torch.nn.Module`` ``f(wav (B, T), lengths (B,)) -> {name: ((B, T', F), (B,)) or (B, D)}`` becomes
 an extractor with :func:`as_extractor` (:class:`~spk_toolkit.features.base.CallableExtractor`).
 
-The cache (:mod:`spk_toolkit.features.cache`): :func:`cache_features` runs an extractor over a corpus on the one
+The cache (:mod:`spk_toolkit.features.cache`, also ``spk_toolkit.cache_features`` / ``spk_toolkit.open_cache``; it
+runs the engine, so it sits in the layer above the extractors and this package does not import it):
+:func:`~spk_toolkit.features.cache.cache_features` runs an extractor over a corpus on the one
 engine (every executor, resume, lock, error policy, summary), :func:`open_cache` reads it back lazily by utterance
 id with partial reads, refusing a cache whose recorded extractor differs from the one asked for, and
 :class:`CacheDataset` serves it to a ``torch.utils.data.DataLoader``. docs/features.md has the walk-through.
@@ -27,10 +29,7 @@ from spk_toolkit.features.kaldi import KaldiFbank, KaldiMfcc
 from spk_toolkit.features.tokens import KmeansTokens, nearest_centroid
 
 __all__ = ["CallableExtractor", "FeatureExtractor", "HiddenStates", "KaldiFbank", "KaldiMfcc", "KmeansTokens",
-           "as_extractor", "available_extractors", "load_extractor", "nearest_centroid", "cache_features",
-           "open_cache", "CacheDataset", "FeatureCache", "StaleCacheError", "collate_frames"]
-
-_CACHE_NAMES = ("cache_features", "open_cache", "CacheDataset", "FeatureCache", "StaleCacheError", "collate_frames")
+           "as_extractor", "available_extractors", "load_extractor", "nearest_centroid"]
 
 
 def available_extractors() -> list:
@@ -63,11 +62,3 @@ def load_extractor(name: str, **options) -> FeatureExtractor:
     if cls is None or not issubclass(cls, FeatureExtractor):
         raise ValueError(f"unknown feature extractor {name!r}; registered: {', '.join(available_extractors())}")
     return cls(**options)
-
-
-def __getattr__(name):
-    if name in _CACHE_NAMES:
-        from spk_toolkit.features import cache
-
-        return getattr(cache, name)
-    raise AttributeError(f"module 'spk_toolkit.features' has no attribute {name!r}")

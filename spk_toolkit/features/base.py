@@ -12,7 +12,7 @@ batched with (DESIGN.md property 1). The built-ins compute on each utterance's t
 defaults filled in), ``code_sha256`` (the source of the extractor classes and of the implementation they call),
 weights hashes where a model is involved, and the package versions. It is part of the engine's plan and shard
 fingerprints, so a cache computed with other settings, code or weights is never resumed, and
-:func:`spk_toolkit.features.open_cache` refuses to read one whose description differs from the one asked for.
+:func:`spk_toolkit.features.cache.open_cache` refuses to read one whose description differs from the one asked for.
 
 Built-ins register in the one backend registry (:func:`spk_toolkit.backends.base.register_backend`), so every
 executor builds them by name on its workers (``load_model("fbank", num_mel_bins=80)``); see

@@ -213,6 +213,21 @@ class DaskExecutor(Executor):
 
     name = "dask"
 
+    @classmethod
+    def create(cls, toolkit: str = "resemblyzer", model=None, model_kwargs: Optional[dict] = None,
+               parallel=None) -> "DaskExecutor":
+        """Build from a parallel config (path or dict; ``None``: a LocalCluster with the defaults).
+
+        Raises
+        ------
+        ValueError
+            A built ``model`` (each worker builds its own), or a malformed parallel config.
+        """
+        if model is not None:
+            raise ValueError("the Dask executor builds the model on each worker; pass toolkit/model_kwargs, "
+                             "not a built model")
+        return cls(toolkit, None, model_kwargs, parallel or {})
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.config = load_parallel_config(self.config or {})
