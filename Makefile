@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DATA ?= data
 
-.PHONY: setup data demo test test-fast bench bench-compare clean
+.PHONY: setup data demo test test-fast test-shuffled bench bench-compare clean
 
 setup:
 	@bash bin/setup_env.sh
@@ -14,11 +14,15 @@ demo: setup data  # extract + score (EER, minDCF, DET plot under exp/demo/scores
 	$(PY) -m spk_toolkit.bin.spk_inference --config conf/inference.yaml \
 	    --data_dir $(DATA)/fillets_demo --output_dir exp/demo --trials $(DATA)/fillets_demo_trials.txt
 
-test: setup data
-	$(PY) -m pytest -q -ra test
+# docs/testing.md: the layout, the rules, how to run one folder and how to replay a seed
+test: setup data  # the whole suite in file order (what CI runs: .ci/run); under 12 min on a 2-core VM
+	$(PY) -m pytest -q -ra -p no:randomly test
 
-test-fast: setup data
-	$(PY) -m pytest -q -m "not slow" test
+test-fast: setup data  # after each step: everything but the `slow` integration tests; under 3 min
+	$(PY) -m pytest -q -ra -p no:randomly -m "not slow" test
+
+test-shuffled: setup data  # the whole suite in a random order (pytest-randomly; replay: SEED=<printed seed>)
+	$(PY) -m pytest -q -ra $(if $(SEED),--randomly-seed=$(SEED),) test
 
 bench: setup data  # the 2-core CPU command of docs/benchmarks.md (issue 2, criterion 6)
 	$(PY) bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml \

@@ -1,13 +1,40 @@
-"""Shared fixtures: the real-speech fillets data (prepared by `make test` via bin/prepare_fillets.sh)."""
+"""Shared fixtures (the real-speech fillets data, prepared by `make test` via bin/prepare_fillets.sh) and the suite's
+rules that hold for every test (docs/testing.md): in CI (``CI=true``) a skip is a failure unless its reason is tagged
+:data:`ENVIRONMENT_SKIP` (a part the CI machine cannot have); no test leaves a process group behind."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pytest
+from suite import ENVIRONMENT_SKIP, in_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SPK_TOOLKIT_DATA", ROOT / "data"))
+
+
+def _skip_reason(longrepr) -> str:
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def _fail_skip_in_ci(rep) -> None:
+    if rep.skipped and in_ci() and not hasattr(rep, "wasxfail"):
+        reason = _skip_reason(rep.longrepr)
+        if ENVIRONMENT_SKIP not in reason:
+            rep.outcome = "failed"
+            rep.longrepr = f"skipped in CI, where a missing part is a failure (CI=true): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())  # a module-level importorskip
 
 
 def _need(path: Path) -> Path:
@@ -80,3 +107,16 @@ def _no_speechbrain_lazy_placeholders():
         from spk_toolkit.backends.speechbrain import drop_unloaded_lazy_modules
 
         drop_unloaded_lazy_modules()
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind(request):
+    """A test that initialises a torch.distributed process group in this process destroys it again: a group left
+    behind would change what later tests see (their order must not matter). Fails the test that leaked it."""
+    yield
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail(f"{request.node.nodeid} left a torch.distributed process group initialised", pytrace=False)

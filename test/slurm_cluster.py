@@ -176,7 +176,7 @@ class SlurmCluster:
     procs: Dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
     up_seconds: float = 0.0
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> str:
+    def run(self, *cmd: str, check: bool = True, timeout: float = 120) -> str:
         """Run a SLURM client command against this cluster; returns stdout."""
         p = subprocess.run(list(cmd), env={**os.environ, **self.env}, capture_output=True, text=True,
                            timeout=timeout)
@@ -237,7 +237,7 @@ PartitionName={c.partition} Nodes={c.node} Default=YES MaxTime=INFINITE State=UP
 
 
 @contextlib.contextmanager
-def one_node_slurm(tmpdir, partition: str = "debug", timeout: float = 60) -> Iterator[SlurmCluster]:
+def one_node_slurm(tmpdir, partition: str = "debug", timeout: float = 300) -> Iterator[SlurmCluster]:
     """Start munged, slurmctld and slurmd under ``tmpdir``; yield a :class:`SlurmCluster`; stop them by PID.
 
     Raises
@@ -292,7 +292,7 @@ def one_node_slurm(tmpdir, partition: str = "debug", timeout: float = 60) -> Ite
 
         def idle() -> bool:
             p = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], env={**os.environ, **c.env},
-                               capture_output=True, text=True, timeout=10)
+                               capture_output=True, text=True, timeout=120)
             return p.returncode == 0 and p.stdout.strip() == "idle"
 
         _wait(c, idle, timeout, f"node {node} idle in sinfo")
@@ -327,10 +327,10 @@ def _stop(c: SlurmCluster, needle: bytes) -> None:
     if all(k in c.procs and c.procs[k].poll() is None for k in ("slurmctld", "slurmd")):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(["scancel", "--full", "--partition", c.partition], env=env, capture_output=True,
-                           timeout=10)
-            deadline = time.monotonic() + 15
+                           timeout=120)
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                p = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=10)
+                p = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=120)
                 if p.returncode != 0 or not p.stdout.strip():
                     break
                 time.sleep(0.3)

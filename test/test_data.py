@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from spk_toolkit.data import bucket_batches, padding_waste
-from spk_toolkit.engine import make_shards
 
 
 def test_bucket_batches_bound_and_cover():
@@ -22,14 +21,3 @@ def test_bucket_batches_bound_and_cover():
 def test_bucket_batches_single_long_item_and_max_batch_size():
     assert bucket_batches([10, 1000, 10], 100) == [[1], [0, 2]]
     assert bucket_batches([5] * 5, 1000, max_batch_size=2) == [[0, 1], [2, 3], [4]]
-
-
-def test_make_shards_balanced_and_deterministic():
-    rng = np.random.default_rng(1)
-    d = rng.uniform(0.5, 20, size=1000).tolist()
-    s1 = make_shards(d, 600)
-    assert s1 == make_shards(d, 600)
-    assert sorted(i for s in s1 for i in s) == list(range(1000))
-    totals = [sum(d[i] for i in s) for s in s1]
-    assert len(s1) == int(np.ceil(sum(d) / 600))
-    assert max(totals) - min(totals) <= 2 * max(d)  # cumulative cuts: each boundary within one utterance

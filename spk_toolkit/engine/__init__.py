@@ -9,7 +9,8 @@ One driver (:func:`extract`, in :mod:`spk_toolkit.engine.driver`) for every entr
 * :mod:`~spk_toolkit.engine.merge`: verify + merge into the storage formats, ``summary.json``.
 
 * :mod:`~spk_toolkit.engine.executor`: the executor protocol, its registry and the in-process executor (torchrun and
-  Dask register from :mod:`spk_toolkit.parallel`).
+  Dask register from :mod:`spk_toolkit.parallel`);
+* :mod:`~spk_toolkit.engine.faults`: named fault points where the fault-injection tests stop a run.
 
 docs/architecture.md has the picture.
 """

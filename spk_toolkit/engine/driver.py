@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from spk_toolkit.engine.executor import make_executor
+from spk_toolkit.engine.faults import fault_point
 from spk_toolkit.engine.merge import merge, remove_run
 from spk_toolkit.engine.options import ErrorPolicy, ExtractionError, ExtractOptions
 from spk_toolkit.engine.plan import Plan, prepare_run, read_corpus
@@ -193,6 +194,7 @@ def extract(
     except OutputDirLocked as e:
         raise ExtractionError(str(e)) from None
     try:
+        fault_point("startup")
         with ex:
             return _drive(ex, utts, out, opts, t0)
     finally:
@@ -226,6 +228,7 @@ def _drive(ex, data, out: Path, opts: ExtractOptions, t0: float) -> dict:
             acct.add(rep)
     finally:
         acct.close()
+    fault_point("shards_done")
     missing = [k for k in todo if not shard_path(out, k).is_file()]
     if missing:
         raise ExtractionError(f"the {ex.name} executor finished without shards {missing[:5]} "

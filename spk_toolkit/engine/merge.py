@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from spk_toolkit.engine.faults import fault_point
 from spk_toolkit.engine.options import ExtractionError, ExtractOptions
 from spk_toolkit.engine.plan import PLAN_NAME, Plan
 from spk_toolkit.engine.shards import ShardInvalid, read_shard, shard_path
@@ -229,6 +230,7 @@ def merge(plan: Plan, output_dir, opts: ExtractOptions, extra_summary: Optional[
                     for key in order:
                         w.write(key, row_of(key))
                 by_name[name][fmt] = str(w.path)
+                fault_point("merge_output")
                 if name == EMBEDDING:
                     outputs[fmt] = str(w.path)
             spk2utt = spk2utt_from(u for u in plan.utts if u.utt_id in index)

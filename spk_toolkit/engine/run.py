@@ -25,6 +25,7 @@ import torch
 
 from spk_toolkit.backends.base import EmbeddingModel, OutputKind
 from spk_toolkit.data import Batch, TaggedBatchDataset, UtteranceDataset, batch_loader, bucket_batches
+from spk_toolkit.engine.faults import fault_point
 from spk_toolkit.engine.options import ErrorPolicy, ExtractOptions
 from spk_toolkit.engine.plan import Plan
 from spk_toolkit.engine.shards import ShardData, write_shard
@@ -397,6 +398,7 @@ class ShardAccumulator:
         self.remaining[k] -= 1
         if self.remaining[k] == 0:
             return self._commit(k)
+        fault_point("batch_consumed")
         return None
 
     def _error(self, a: dict, i: int, reason: str) -> None:
@@ -411,6 +413,7 @@ class ShardAccumulator:
         data = ShardData(k, a["keys"], a["rows"], {n: kd.as_dict() for n, kd in self.kinds.items()},
                          [list(e) for e in a["errors"]], a["seconds"], now - a["t0"], self.worker, a["clipped"])
         write_shard(self.output_dir, data, self.plan.fingerprint, self.plan.shard_fingerprint(k))
+        fault_point("shard_committed")
         self._t = now
         return ShardReport(k, len(a["keys"]), [tuple(e) for e in a["errors"]], a["seconds"], 0, 0, a["decoded"],
                            now - a["t0"], self.worker, len(a["clipped"]))

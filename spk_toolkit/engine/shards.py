@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from spk_toolkit.engine.faults import fault_point
 from spk_toolkit.io.atomic import atomic_path
 from spk_toolkit.io.preflight import naming
 
@@ -120,6 +121,7 @@ def write_shard(output_dir, shard: ShardData, plan_fingerprint: str, shard_finge
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8), **arrays)
+            fault_point("shard_writing")
     return path
 
 

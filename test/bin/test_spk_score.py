@@ -168,7 +168,7 @@ def test_module_entry_point(problem):
     r = subprocess.run(
         [sys.executable, "-m", "spk_toolkit.bin.spk_score", "--embeddings", str(d / "emb.npz"),
          "--trials", str(d / "kaldi_trials"), "--output_dir", str(d / "mod"), "--no_plots"],
-        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     )
     assert r.returncode == 0, r.stderr
     assert "kaldi_trials" in r.stdout and (d / "mod" / "metrics.json").exists()

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spk_toolkit.bin.cli import EXIT_FAILED
 from spk_toolkit.engine import extract, shard_path
 from spk_toolkit.io.datadir import load_kaldi_dir
 from spk_toolkit.parallel import assign_shards
 from spk_toolkit.testing import load_npz, make_subset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPTS = dict(shard_duration=4.0, num_workers=0, progress=False)
 
 
@@ -182,7 +183,7 @@ def test_torchrun_rank_failure_reaches_every_rank(tmp_path):
            "--shard_duration", "1", "--num_workers", "0", "--progress", "false", "--on_error", "raise"]
     p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=300)
-    assert p.returncode != 0
+    assert p.returncode == EXIT_FAILED, p.stderr[-3000:]  # torchrun's status for a failed child: 1 as ours
     assert p.stderr.count("spk_inference: error: rank") == 2, p.stderr[-3000:]  # both ranks report it
     assert "utterance 'u_nan'" in p.stderr and "non-finite" in p.stderr
     assert not (tmp_path / "o" / "embeddings.npz").exists()

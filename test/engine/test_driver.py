@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from spk_toolkit.bin.cli import EXIT_FAILED
 from spk_toolkit import load_embeddings
 from spk_toolkit.engine import ExtractionError, extract
 from spk_toolkit.io.datadir import load_kaldi_dir
@@ -61,7 +62,7 @@ def test_bad_input_raise_cli(bad_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "spk_toolkit.bin.spk_inference", "--data_dir", str(data),
                         "--output_dir", str(tmp_path), "--on_error", "raise", "--progress", "false"],
                        capture_output=True, text=True)
-    assert r.returncode != 0
+    assert r.returncode == EXIT_FAILED, r.stderr  # the exit-code table (spk_toolkit.bin.cli.EXIT_CODES)
     assert "utterance 'bad_" in r.stderr and ".wav" in r.stderr, r.stderr
     assert not (tmp_path / "embeddings.npz").exists()
 

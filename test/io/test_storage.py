@@ -185,7 +185,7 @@ def _concurrent_writer(fmt, out, tag, barrier):
     w = get_writer(fmt)(out, "same", fsync=False)
     for i in range(30):
         w.write(f"{tag}/{i}", np.full((i % 4 + 1, 2), ord(tag), np.float32))
-    barrier.wait(timeout=30)  # both have their temporaries in place, then commit at the same moment
+    barrier.wait(timeout=300)  # both have their temporaries in place, then commit at the same moment
     w.close()
 
 
@@ -301,7 +301,7 @@ def test_hdf5_reader_in_a_forked_child(tmp_path):
     q = ctx.Queue()
     p = ctx.Process(target=_child_reads, args=(r, [k for k, _ in items], q))
     p.start()
-    assert q.get(timeout=30) == [200.0 * i for i in range(8)]
+    assert q.get(timeout=300) == [200.0 * i for i in range(8)]
     p.join(30)
     assert p.exitcode == 0
     import h5py

@@ -273,7 +273,7 @@ def _doc_blocks() -> list:
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "features.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "docs" / "features.md").read_text(encoding="utf-8")
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
@@ -282,7 +282,7 @@ def _run_blocks(blocks, tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     (tmp_path / "data").symlink_to(root / "data")  # the examples' relative paths: data/..., exp/...
     script = tmp_path / "example.py"
     script.write_text("\n\n".join(blocks))
