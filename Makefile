@@ -15,14 +15,17 @@ demo: setup data  # extract + score (EER, minDCF, DET plot under exp/demo/scores
 	    --data_dir $(DATA)/fillets_demo --output_dir exp/demo --trials $(DATA)/fillets_demo_trials.txt
 
 # docs/testing.md: the layout, the rules, how to run one folder and how to replay a seed
-test: setup data  # the whole suite in file order (what CI runs: .ci/run); under 12 min on a 2-core VM
-	$(PY) -m pytest -q -ra -p no:randomly test
+# two pytest-xdist workers, one test file each at a time (module fixtures are built once); the heaviest files first
+XDIST := -n 2 --dist loadfile
 
-test-fast: setup data  # after each step: everything but the `slow` integration tests; under 3 min
-	$(PY) -m pytest -q -ra -p no:randomly -m "not slow" test
+test: setup data  # the whole suite, files in order (what CI runs: .ci/run)
+	$(PY) -m pytest -q -ra -p no:randomly $(XDIST) test
+
+test-fast: setup data  # after each step: everything but the `slow` integration tests
+	$(PY) -m pytest -q -ra -p no:randomly $(XDIST) -m "not slow" test
 
 test-shuffled: setup data  # the whole suite in a random order (pytest-randomly; replay: SEED=<printed seed>)
-	$(PY) -m pytest -q -ra $(if $(SEED),--randomly-seed=$(SEED),) test
+	$(PY) -m pytest -q -ra $(XDIST) $(if $(SEED),--randomly-seed=$(SEED),) test
 
 bench: setup data  # the 2-core CPU command of docs/benchmarks.md (issue 2, criterion 6)
 	$(PY) bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml \

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3.11}
-stamp="$VENV/.spk_toolkit_setup_v4"  # v4: pytest-randomly (make test-shuffled), the executors' entry points
+stamp="$VENV/.spk_toolkit_setup_v4"  # v4: pytest-randomly, pytest-xdist (make test), the executors' entry points
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip="$VENV/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt"
@@ -13,7 +13,7 @@ $pip "setuptools>=77.0.3,<81" wheel
 $pip torch==2.13.0
 $pip --no-deps --ignore-requires-python espnet==202611
 $pip numpy scipy typeguard humanfriendly librosa torch-complex PyYAML sentencepiece==0.2.1 tqdm \
-     asteroid-filterbanks==0.4.0 soundfile soxr kaldiio h5py matplotlib pytest hypothesis pytest-randomly==5.1.0 \
+     asteroid-filterbanks==0.4.0 soundfile soxr kaldiio h5py matplotlib pytest hypothesis pytest-randomly==5.1.0 pytest-xdist==3.8.0 \
      "dask[distributed]" dask-jobqueue webrtcvad
 $VENV/bin/python -m pip install -q --disable-pip-version-check --no-deps omniio torchaudio==2.11.0 resemblyzer==0.1.4
 # speechbrain backend (issue 15). Under the constraints it keeps torch 2.13.0; on an env without torchaudio it pulls
