@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import time
 import uuid
@@ -31,10 +32,22 @@ def test_rng(name: str) -> tuple:
 test_rng.__test__ = False  # not a test, despite its name
 
 
+def default_signals() -> None:
+    """In a child before exec: SIGINT and SIGTERM back to their default dispositions.
+
+    A process started in the background by a non-interactive shell (``cmd &``, a CI runner, ``nohup``) has SIGINT
+    ignored, and children inherit that: Python then installs no KeyboardInterrupt handler and a test's Ctrl-C would
+    do nothing. The child of a test gets what a terminal gives a command, whoever started pytest.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start_until(cmd, point: str, tmp_path: Path, env=None, cwd=None) -> subprocess.Popen:
     """Start ``cmd`` and return once it blocks at fault point ``point`` (``"name"`` or ``"name:n"``).
 
-    The child's stderr goes to a file under ``tmp_path``, named by the returned process' ``stderr_path``.
+    The child's stderr goes to a file under ``tmp_path``, named by the returned process' ``stderr_path``; it starts
+    with the default SIGINT / SIGTERM dispositions (:func:`default_signals`).
 
     Raises
     ------
@@ -47,7 +60,8 @@ def start_until(cmd, point: str, tmp_path: Path, env=None, cwd=None) -> subproce
     err = tmp_path / f"fault-{tag}.stderr"
     child_env = {**(os.environ if env is None else env), POINT_ENV: point, FILE_ENV: str(marker)}
     with open(err, "wb") as ef:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=child_env, stdout=subprocess.DEVNULL, stderr=ef)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=child_env, stdout=subprocess.DEVNULL, stderr=ef,
+                                preexec_fn=default_signals)
     deadline = time.monotonic() + REACH_TIMEOUT_S
     while not marker.exists():
         if proc.poll() is not None:
