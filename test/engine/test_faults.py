@@ -49,5 +49,9 @@ def test_stops_at_the_nth_visit_and_sigint_unwinds(tmp_path):
     proc = start_until([sys.executable, "-c", code], "shard_committed:2", tmp_path)
     marker = next(tmp_path.glob("fault-*.reached")).read_text().split()
     assert marker == ["shard_committed:2", str(proc.pid)]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=600) == 42
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=600) == 42
+    finally:  # a child left blocked at its fault point would sleep forever
+        if proc.poll() is None:
+            proc.kill()

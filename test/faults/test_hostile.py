@@ -862,8 +862,12 @@ def test_sigint_stops_at_once_and_a_rerun_resumes(fillets_small, tmp_path):
     # stopped right after the first shard commit (a fault point of the engine), then Ctrl-C
     p = start_until([sys.executable, "-m", "spk_toolkit.bin.spk_inference", *map(str, argv), "--output_dir",
                      str(out)], "shard_committed:1", tmp_path)
-    p.send_signal(signal.SIGINT)
-    p.wait(timeout=300)  # a hang guard: the batch in flight at most
+    try:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=300)  # a hang guard: the batch in flight at most
+    finally:  # a child left blocked at its fault point would sleep forever
+        if p.poll() is None:
+            p.kill()
     err = p.stderr_path.read_text()
     assert p.returncode == 130, err
     assert last_line(err) == ("spk_inference: error: interrupted (SIGINT); finished shards are kept: rerun the same "
