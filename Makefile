@@ -25,7 +25,9 @@ test-fast: setup data  # after each step: everything but the `slow` integration 
 	$(PY) -m pytest -q -ra -p no:randomly $(XDIST) -m "not slow" test
 
 test-shuffled: setup data  # the whole suite in a random order (pytest-randomly; replay: SEED=<printed seed>)
-	$(PY) -m pytest -q -ra $(XDIST) $(if $(SEED),--randomly-seed=$(SEED),) test
+	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "test order seed $$seed (replay: make test-shuffled SEED=$$seed)"; \
+	$(PY) -m pytest -q -ra $(XDIST) -p randomly --randomly-seed=$$seed test
 
 bench: setup data  # the 2-core CPU command of docs/benchmarks.md (issue 2, criterion 6)
 	$(PY) bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml \
