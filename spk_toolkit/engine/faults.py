@@ -29,6 +29,8 @@ import os
 import time
 from collections import Counter
 
+from spk_toolkit.io.atomic import atomic_write_text
+
 POINT_ENV = "SPK_TOOLKIT_FAULT_POINT"
 FILE_ENV = "SPK_TOOLKIT_FAULT_FILE"
 POINTS = ("startup", "batch_consumed", "shard_writing", "shard_committed", "shards_done", "merge_output")
@@ -81,10 +83,7 @@ def fault_point(name: str) -> None:
     if _seen[name] != count:
         return
     marker = os.environ.get(FILE_ENV)
-    if marker:
-        tmp = f"{marker}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"{name}:{count} {os.getpid()}\n")
-        os.replace(tmp, marker)  # the test never sees a half-written marker
+    if marker:  # committed atomically: the test never sees a half-written marker
+        atomic_write_text(marker, f"{name}:{count} {os.getpid()}\n", fsync=False)
     while True:
         time.sleep(3600)
