@@ -65,6 +65,7 @@ def test_bare_import_of_the_espnet_backend_is_light():
     assert "spk_toolkit.backends.espnet.model" in got  # the package really loaded its parts
 
 
+@pytest.mark.slow
 def test_loading_and_building_import_no_spk_toolkit_trainer():
     """Our checkpoint checks import no trainer at all; building a random x-vector model, embedding a batch and
     loading a checkpoint import no spk_toolkit.tasks / spk_toolkit.train, and no ``espnet2.train`` module beyond

@@ -146,6 +146,7 @@ def test_installed_wheel_runs_the_default_job_on_real_speech(wheel_venv, fillets
     assert r.stdout.startswith("(256,)")
 
 
+@pytest.mark.slow
 def test_webrtcvad_without_pkg_resources_gives_the_same_embeddings(fillets_small, tmp_path):
     """With setuptools >= 81 (no pkg_resources), webrtcvad.py cannot import; the backend then uses the same C
     extension directly. Embeddings equal resemblyzer's own embed_utterance(preprocess_wav(...)) computed with the

@@ -54,6 +54,7 @@ def test_masked_mode_selected(arch):
     assert d["sample_rate"] == 16000 and d["model_file"] is None and d["model_sha256"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_invariance(arch, wavs, singles):
     """Acceptance: one large batch and random groupings give cosine >= 0.99999 with batch size 1.

@@ -32,6 +32,7 @@ def prepared(model, fillets_small):
     return [short] + wavs + [long]
 
 
+@pytest.mark.slow
 def test_equals_embed_utterance(model, prepared):
     from resemblyzer import VoiceEncoder
 
@@ -42,6 +43,7 @@ def test_equals_embed_utterance(model, prepared):
     assert np.abs(ours - ref).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_batch_invariance(model, prepared):
     lengths = [len(w) for w in prepared]
     assert min(lengths) <= 8000 and max(lengths) >= 20 * 16000

@@ -103,6 +103,7 @@ def test_help_espnet_prints_espnets_options():
     assert r.returncode == 0 and len(r.stdout.splitlines()) > 300 and "--optim_conf" in r.stdout
 
 
+@pytest.mark.slow
 def test_default_run_quiet_stderr_run_log_resume_overwrite(subset, tmp_path):
     data, d = subset
     out = tmp_path / "exp"
@@ -144,6 +145,7 @@ def test_default_run_quiet_stderr_run_log_resume_overwrite(subset, tmp_path):
     assert r.stderr.strip() == "" and "utterances :" not in r.stdout and str(out) in r.stdout
 
 
+@pytest.mark.slow
 def test_verbose_shows_info_lines(subset, tmp_path):
     data, _ = subset
     r = _cli("spk_inference", "--data_dir", data, "--output_dir", tmp_path / "v", "--num_workers", "0", "-v",
@@ -166,6 +168,7 @@ def test_dask_run_prints_no_dask_line_at_default_verbosity(subset, tmp_path):
     assert "summary:" in log
 
 
+@pytest.mark.slow
 def test_spk_score_plots_without_matplotlib_in_one_line(subset, tmp_path):
     data, d = subset
     import spk_toolkit

@@ -22,6 +22,7 @@ def small_trials(fillets_small, tmp_path_factory):
     return p
 
 
+@pytest.mark.slow
 def test_spk_inference_cli_scores_trials(fillets_small, small_trials, small_run, tmp_path):
     cfg = tmp_path / "inf.yaml"
     cfg.write_text("output_format: [npz]\nnum_workers: 0\nshard_duration: 60\nprogress: false\n")

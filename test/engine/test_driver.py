@@ -57,6 +57,7 @@ def test_bad_input_skip(bad_dir, tmp_path):
     assert sorted(emb) == sorted(good) and all(np.isfinite(v).all() for v in emb.values())
 
 
+@pytest.mark.slow
 def test_bad_input_raise_cli(bad_dir, tmp_path):
     data, _ = bad_dir
     r = subprocess.run([sys.executable, "-m", "spk_toolkit.bin.spk_inference", "--data_dir", str(data),
@@ -67,6 +68,7 @@ def test_bad_input_raise_cli(bad_dir, tmp_path):
     assert not (tmp_path / "embeddings.npz").exists()
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_shards_and_refuses_changed_corpus(fillets_small, tmp_path):
     out = tmp_path / "o"
     s1 = extract(fillets_small, out, progress=False, shard_duration=30)

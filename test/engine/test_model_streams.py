@@ -20,6 +20,7 @@ def ecapa():
     return H.build("ecapa", seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [1, 0], ids=["decoding_worker", "decoding_in_streams"])
 def test_streams_equal_one_stream(fillets_small, ecapa, tmp_path, monkeypatch, num_workers):
     # small batches so that both streams get many batches from several shards

@@ -182,6 +182,7 @@ def test_second_run_refused_naming_the_holder(subset, tmp_path):
     assert not (tmp_path / "o" / "plan.json").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_changed_source_after_plan_removed_is_recomputed(subset, reference, tmp_path):
     from spk_toolkit.engine import extract
 
@@ -214,6 +215,7 @@ def test_changed_source_after_plan_removed_is_recomputed(subset, reference, tmp_
     assert s2["shards_run"] >= 1 and s2["shards_resumed"] == s1["shards"] - s2["shards_run"] > 0
 
 
+@pytest.mark.slow
 def test_overwrite_with_another_corpus_leaves_nothing_of_the_previous_run(subset, fillets_small, tmp_path):
     from spk_toolkit.engine import extract
 
@@ -235,6 +237,7 @@ def test_overwrite_with_another_corpus_leaves_nothing_of_the_previous_run(subset
     assert list(load_npz(out / "embeddings.npz")) == [f"x_{u.utt_id}" for u in picked]
 
 
+@pytest.mark.slow
 def test_errors_in_resumed_shards_count_for_max_errors(with_bad, tmp_path):
     from spk_toolkit.engine import ExtractionError, extract
 
@@ -247,6 +250,7 @@ def test_errors_in_resumed_shards_count_for_max_errors(with_bad, tmp_path):
         extract(with_bad, out, progress=False, shard_duration=4, num_workers=0, on_error="raise")
 
 
+@pytest.mark.slow
 def test_corrupt_plan_named(subset, tmp_path):
     from spk_toolkit.engine import ExtractionError, extract
 

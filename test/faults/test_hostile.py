@@ -480,6 +480,7 @@ OUTPUT_CASES = ("output_dir_is_a_file", "parent_is_a_file", "read_only_file_syst
                 "too_little_free_space", "disk_full_writing_a_shard", "disk_full_writing_embeddings")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", OUTPUT_CASES)
 def test_output_side(case, audio, clean_whole, tmp_path, monkeypatch):
     files, _ = audio
@@ -757,6 +758,7 @@ ERROR_PATH_CASES = {"tab": "with\ttab.wav", "double_quote": 'say "hi".wav', "quo
                     "leading_quote": '"start.wav'}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(ERROR_PATH_CASES))
 def test_errors_tsv_reads_back_with_csv(case, audio, clean_whole, tmp_path):
     import csv
@@ -837,6 +839,7 @@ def _subprocess(argv, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_fifo_costs_at_most_the_header_timeout(audio, tmp_path):
     files, _ = audio
     os.mkfifo(tmp_path / "fifo.wav")
@@ -850,6 +853,7 @@ def test_fifo_costs_at_most_the_header_timeout(audio, tmp_path):
     assert rows == [("fifo", str(tmp_path / "fifo.wav"), "not a regular file (a FIFO (named pipe))")]
 
 
+@pytest.mark.slow
 def test_sigint_stops_at_once_and_a_rerun_resumes(fillets_small, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(fillets_small, data)  # 48 real utterances, 0.5-20 s: dozens of shards

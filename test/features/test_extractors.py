@@ -302,6 +302,7 @@ def test_docs_examples_run(tmp_path):
     assert out.splitlines()[0].startswith("48 (") and "(100, 80) 100.0" in out and "int16" in out
 
 
+@pytest.mark.slow
 def test_docs_example_speechbrain(tmp_path):
     pytest.importorskip("speechbrain", reason="speechbrain is not installed: the DynamicItemDataset example of "
                                               "docs/features.md was not run")
