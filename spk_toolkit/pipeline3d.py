@@ -1,7 +1,7 @@
 """3D-Speaker pipeline parity: per-utterance and per-speaker outputs of an audio-tree extraction, without pickle.
 
-Input: an engine run (``embeddings.npz``, ``plan.json``) over ``data_root/<dataset>/<speaker>/<utt>.<ext>``
-(:func:`spk_toolkit.io.datadir.load_audio_tree`). Output directory::
+Input: an engine run (its ``summary.json`` names the embeddings, in any ``--output_format``) over
+``data_root/<dataset>/<speaker>/<utt>.<ext>`` (:func:`spk_toolkit.io.datadir.load_audio_tree`). Output directory::
 
     utterance_embeddings.npz  key "<dataset>/<speaker>/<utt>" -> float32 (D,)   (replaces utterance_embeddings.pkl)
     speaker_embeddings.npz    key "<dataset>/<speaker>"       -> float32 (D,)   mean of the speaker's utterances
@@ -47,29 +47,29 @@ def write_pipeline_outputs(data_root, run_dir, output_dir) -> dict:
     Raises
     ------
     FileNotFoundError
-        ``run_dir`` has no ``embeddings.npz`` (stage 1 not finished).
+        ``run_dir`` has no ``summary.json`` (stage 1 not finished) or its output is gone.
     ValueError
-        ``embeddings.npz`` holds keys that are not in the audio tree (a run over another corpus).
+        The run's embeddings hold keys that are not in the audio tree (a run over another corpus).
     """
     from spk_toolkit.io.datadir import load_audio_tree
     from spk_toolkit.io.atomic import atomic_write_text
-    from spk_toolkit.io.storage import get_writer
+    from spk_toolkit.io.rundir import RunDir
+    from spk_toolkit.io.storage import get_writer, open_reader
+    from spk_toolkit.scoring import average_embeddings
 
     run, out = Path(run_dir), Path(output_dir)
-    if not (run / "embeddings.npz").is_file():
-        raise FileNotFoundError(f"{run / 'embeddings.npz'} not found: run the extraction stage first")
+    rd = RunDir(run)
+    run_summary = rd.read_summary()
+    if run_summary is None:
+        raise FileNotFoundError(f"{rd.summary_path} not found: run the extraction stage first")
     utts = load_audio_tree(data_root)
-    with np.load(run / "embeddings.npz", allow_pickle=False) as z:
-        emb = {k: z[k] for k in z.files}
+    with open_reader(run) as r:  # the run's main output, whatever its --output_format
+        emb = {k: np.asarray(r[k]) for k in r}
     by_key = {u.utt_id: u for u in utts}
     alien = [k for k in emb if k not in by_key]
     if alien:
         raise ValueError(f"{run}: {len(alien)} embeddings are not in {data_root}, e.g. {alien[:3]}")
-    errors = {}
-    if (run / "errors.tsv").is_file():
-        for line in (run / "errors.tsv").read_text().splitlines()[1:]:
-            f = line.split("\t")
-            errors[f[0]] = f[2] if len(f) > 2 else ""
+    errors = rd.error_reasons()
     out.mkdir(parents=True, exist_ok=True)
     utt_list, spk_keys = [], {}
     with get_writer("npz")(out, "utterance_embeddings") as w:
@@ -82,11 +82,12 @@ def write_pipeline_outputs(data_root, run_dir, output_dir) -> dict:
                              "utterance_id": u.utt_id.split("/", 2)[2], "path": u.path})
             spk_keys.setdefault(u.spk_id, []).append(u.utt_id)
     spk_list = []
+    means = average_embeddings(emb, spk_keys)
     with get_writer("npz")(out, "speaker_embeddings") as w:
-        for s, keys in spk_keys.items():
-            w.write(s, np.mean(np.stack([emb[k] for k in keys]).astype(np.float64), axis=0).astype(np.float32))
+        for s in spk_keys:
+            w.write(s, means[s].astype(np.float32))
             ds, spk = s.split("/", 1)
-            spk_list.append({"key": s, "dataset": ds, "speaker_id": spk, "num_utterances": len(keys)})
+            spk_list.append({"key": s, "dataset": ds, "speaker_id": spk, "num_utterances": len(spk_keys[s])})
     datasets = {}
     for u in utts:
         d = datasets.setdefault(u.dataset, {"utterances": 0, "speakers": set(), "errors": 0})
@@ -95,7 +96,6 @@ def write_pipeline_outputs(data_root, run_dir, output_dir) -> dict:
             d["speakers"].add(u.spk_id)
         elif u.utt_id in errors:
             d["errors"] += 1
-    run_summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     dim = int(next(iter(emb.values())).shape[-1]) if emb else 0
     summary = {
         "total_utterances": len(utt_list), "total_speakers": len(spk_list), "total_datasets": len(datasets),
@@ -106,7 +106,7 @@ def write_pipeline_outputs(data_root, run_dir, output_dir) -> dict:
         "source_run": str(run), "data_root": str(data_root),
         "files": {"utterance_embeddings": "utterance_embeddings.npz", "speaker_embeddings": "speaker_embeddings.npz",
                   "utterance_list": "utterance_list.json", "speaker_list": "speaker_list.json",
-                  "errors": str(run / "errors.tsv")},
+                  "errors": str(rd.errors_path)},
     }
     for name, obj in (("utterance_list.json", utt_list), ("speaker_list.json", spk_list), ("summary.json", summary)):
         atomic_write_text(out / name, json.dumps(obj, indent=2, ensure_ascii=False))

@@ -365,8 +365,8 @@ def average_embeddings(
     for g, us in groups.items():
         if len(us) == 0:
             raise ValueError(f"group {g!r} lists no utterances")
-        m = np.stack([np.asarray(embeddings[u], dtype=np.float64).reshape(-1, np.shape(embeddings[u])[-1]).mean(0)
-                      for u in us])
+        rows = [np.asarray(embeddings[u], dtype=np.float64) for u in us]  # each read once (lazy readers)
+        m = np.stack([r.reshape(-1, r.shape[-1]).mean(0) for r in rows])
         if normalize:
             m = m / np.linalg.norm(m, axis=1, keepdims=True)
         out[g] = m.mean(axis=0)

@@ -214,13 +214,10 @@ def _speaker_map(d: Path, utts: Sequence[Utterance]) -> Dict[str, List[str]]:
 # ------------------------------------------------------------------------------------------------ the export
 def _error_reasons(run_dir: Path) -> Dict[str, str]:
     """``utt_id -> reason`` of the run's ``errors.tsv`` (empty when absent or unreadable)."""
-    p = run_dir / "errors.tsv"
-    if not p.is_file():
-        return {}
-    from spk_toolkit.engine.merge import read_errors_tsv
+    from spk_toolkit.io.rundir import RunDir
 
     try:
-        return {u: r for u, _, r in read_errors_tsv(p)}
+        return RunDir(run_dir).error_reasons()
     except (OSError, ValueError):
         return {}
 
@@ -347,6 +344,7 @@ def export_tts(run_dir: str | os.PathLike, spk_embed_tag: str, keys: Sequence[st
     ValueError
         Unknown ``spk_mean`` / ``scp_paths``, a bad tag, or an embedding that is not a float vector ``(D,)``.
     """
+    from spk_toolkit.io.rundir import RunDir
     from spk_toolkit.io.storage import KaldiArkWriter, open_reader
     from spk_toolkit.scoring import speaker_means
 
@@ -365,7 +363,7 @@ def export_tts(run_dir: str | os.PathLike, spk_embed_tag: str, keys: Sequence[st
             raise TTSExportError(
                 f"{len(missing)} of {len(keys)} utterance(s) in text have no speaker embedding ({eg}); ESPnet's "
                 f"loader needs one per line of text: fix or remove them (utils/fix_data_dir.sh) and rerun "
-                f"(finished shards are reused); see {run_dir / 'errors.tsv'}")
+                f"(finished shards are reused); see {RunDir(run_dir).errors_path}")
         stray = sorted({u for us in spk2utt.values() for u in us} - set(keys))
         if stray:
             raise TTSExportError(f"spk2utt names {len(stray)} utterance(s) that are not exported, e.g. {stray[:5]}")

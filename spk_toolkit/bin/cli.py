@@ -223,7 +223,9 @@ def open_run_log(output_dir, prog: str, argv: Optional[Sequence[str]] = None) ->
     import shlex
     import socket
 
-    path = os.path.join(os.fspath(output_dir), "run.log")
+    from spk_toolkit.io.rundir import RunDir
+
+    path = os.fspath(RunDir(output_dir).log_path)
     root = logging.getLogger()
     for h in [h for h in root.handlers if isinstance(h, RunLogHandler)]:
         root.removeHandler(h)
@@ -334,6 +336,8 @@ def add_extraction_options(p: argparse.ArgumentParser, output_format: str = "npz
     p.add_argument("--max_chunk_duration", type=option_type("max_chunk_duration"), default=d.max_chunk_duration,
                    help="0 = whole utterances; S = embed utterances longer than S seconds in equal chunks of at most "
                         "S s and store the length-weighted mean (bounds model memory; changes long embeddings)")
+    p.add_argument("--output_stem", type=option_type("output_stem", str), default=d.output_stem,
+                   help="file stem of the embedding output (<stem>.npz, <stem>.scp, ...)")
     add_verbosity(p)
 
 
@@ -345,7 +349,7 @@ def extraction_options(args: argparse.Namespace) -> dict:
                 progress=args.progress and not getattr(args, "quiet", False), torch_threads=args.torch_threads, model_streams=args.model_streams,
                 lock_timeout=args.lock_timeout, segment_overrun=args.segment_overrun,
                 header_timeout=args.header_timeout, pipe_timeout=args.pipe_timeout,
-                max_chunk_duration=args.max_chunk_duration)
+                max_chunk_duration=args.max_chunk_duration, output_stem=args.output_stem)
 
 
 def choose_executor(executor, parallel, prog: str) -> str:

@@ -60,6 +60,7 @@ SPK_EMBED_EXTRACT: List[Option] = [
     ("--num_eval", 10, "evaluation crops per utterance", None),
     ("--average_embd", False, "store the mean of the crops", None),
     ("--shard_duration", 600.0, "spk_toolkit: seconds of audio per shard (the unit of work and of resume)", None),
+    ("--overwrite", False, "spk_toolkit: remove a previous run's outputs (<set>_embeddings.npz too), not resume", None),
     ("--log_level", "INFO", "ESPnet's log level", ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")),
 ]
 

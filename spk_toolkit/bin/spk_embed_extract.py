@@ -3,8 +3,8 @@
 
 Same options as ``python -m espnet2.bin.spk_embed_extract`` (``--spk_train_config``, ``--spk_model_file``,
 ``--data_path_and_name_and_type``, ``--shape_file``, ``--output_dir``, ``--valid_batch_size``,
-``--target_duration``, ``--num_eval``, ``--average_embd``, ...), plus ``--shard_duration``. Differences from
-ESPnet's:
+``--target_duration``, ``--num_eval``, ``--average_embd``, ...), plus ``--shard_duration`` and
+``--overwrite``. Differences from ESPnet's:
 
 * the extraction runs on spk_toolkit's engine (:func:`spk_toolkit.engine.extract`): the unique utterances are
   read from the trial lists (``trial.scp`` / ``trial2.scp``) without decoding anything, split into shards of
@@ -16,8 +16,9 @@ ESPnet's:
 * shards are committed atomically and a rerun reuses the verified ones (``kill -9`` loses at most the shards in
   flight; a changed model or crop setting is refused: use another ``--output_dir``); rank 0 verifies that
   every unique utterance is present exactly once, merges, and writes ``<output_dir>/<set>_embeddings.npz``
-  (``np.savez_compressed``; ``<set>`` = the parent folder of the first data file, as ESPnet), next to the
-  engine's ``plan.json``, ``shards/``, ``errors.tsv`` and ``summary.json``;
+  (``np.savez_compressed``; ``<set>`` = the parent folder of the first data file, as ESPnet: the engine's
+  ``output_stem``, so ``summary.json`` names it and ``spk_toolkit.load_embeddings(output_dir)``, a rerun and
+  ``--overwrite`` know it), next to the engine's ``plan.json``, ``shards/``, ``errors.tsv`` and ``summary.json``;
 * no L2 normalisation of any batch; runs on the CPU (``--ngpu 0``) or GPU.
 
 Multi-process: ``torchrun --nproc_per_node=N -m spk_toolkit.bin.spk_embed_extract --dist_backend gloo ...``
@@ -33,7 +34,8 @@ from pathlib import Path
 
 
 def get_parser():
-    """ESPnet's ``spk_embed_extract`` parser, plus ``--shard_duration`` (the engine's shard size)."""
+    """ESPnet's ``spk_embed_extract`` parser, plus ``--shard_duration`` (the engine's shard size) and
+    ``--overwrite`` (start afresh instead of resuming)."""
     from espnet2.bin.spk_embed_extract import get_parser as espnet_parser
 
     parser = espnet_parser()
@@ -41,6 +43,11 @@ def get_parser():
 
     parser.add_argument("--shard_duration", type=option_type("shard_duration"), default=600.0,
                         help="seconds of audio per shard of the engine (the unit of work of a rank and of resume)")
+    from espnet2.utils.types import str2bool
+
+    parser.add_argument("--overwrite", type=str2bool, default=False,
+                        help="remove every output of a previous run in output_dir first (its <set>_embeddings.npz "
+                             "included) instead of resuming")
     return parser
 
 
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> Path | None:
     from espnet2.train.reporter import Reporter
     from espnet2.utils.build_dataclass import build_dataclass
 
+    from spk_toolkit.io.rundir import RunDir
     from spk_toolkit.tasks.spk import SpeakerTask
 
     dopt = build_dataclass(DistributedOption, args)
@@ -98,7 +106,12 @@ def run(args: argparse.Namespace) -> Path | None:
     reporter.set_epoch(1)
     trainer = SpeakerTask.trainer
     saved = trainer.extract_options
-    trainer.extract_options = {**saved, "shard_duration": args.shard_duration, "num_workers": args.num_workers}
+    # ESPnet's file name, <set>_embeddings.npz, is the run's own output stem: the summary names it, so
+    # open_reader(output_dir), resume and --overwrite know the file
+    set_name = args.data_path_and_name_and_type[0][0].split("/")[-2]
+    trainer.extract_options = {**saved, "shard_duration": args.shard_duration, "num_workers": args.num_workers,
+                               "output_stem": f"{set_name}_embeddings",
+                               "overwrite": bool(args.overwrite)}
     try:
         with reporter.observe("valid") as sub:
             trainer.extract_embed(
@@ -110,13 +123,11 @@ def run(args: argparse.Namespace) -> Path | None:
         trainer.extract_options = saved
     if rank != 0:
         return None
-    set_name = args.data_path_and_name_and_type[0][0].split("/")[-2]
-    dst = Path(args.output_dir) / f"{set_name}_embeddings.npz"
-    os.replace(Path(args.output_dir) / "embeddings.npz", dst)
     info = trainer.last_extraction
+    dst = Path(info["output"])
     print(f"embeddings of {info['embedded']} unique utterances -> {dst} ({info['shards_resumed']} of "
           f"{info['n_shards']} shards reused from a previous run; rank 0 decoded {info['decoded']} utterances; "
-          f"summary: {Path(args.output_dir) / 'summary.json'})")
+          f"summary: {RunDir(args.output_dir).summary_path})")
     return dst
 
 

@@ -115,7 +115,9 @@ def _run(args, argv) -> int:
         # the run directory: its summary.json names the main output, read by the storage registry (any format)
         emb_path = args.output_dir
         # a trial list naming utterances without an embedding is an input error (exit 2, count and examples)
-        result = score(emb_path, args.trials, f"{args.output_dir}/scores", trials_format=args.trials_format,
+        from spk_toolkit.io.rundir import RunDir
+
+        result = score(emb_path, args.trials, RunDir(args.output_dir).scores_dir, trials_format=args.trials_format,
                        log=echo(log, args.quiet))
         table = format_table(result)
         log.info("scores:\n%s", table)

@@ -6,148 +6,188 @@ temporary file per output (``np.memmap``), from which the writers are fed in inp
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from spk_toolkit.engine.faults import fault_point
 from spk_toolkit.engine.options import ExtractionError, ExtractOptions
-from spk_toolkit.engine.plan import PLAN_NAME, Plan
+from spk_toolkit.engine.plan import Plan
 from spk_toolkit.engine.shards import ShardInvalid, read_shard, shard_path
-from spk_toolkit.io.atomic import atomic_write_text, is_temporary
 from spk_toolkit.io.datadir import spk2utt_from
 from spk_toolkit.io.preflight import naming
-from spk_toolkit.io.writers import get_writer
+from spk_toolkit.io.rundir import (  # noqa: F401  (errors_tsv, read_errors_tsv: re-exported)
+    EMBEDDING, EMBEDDING_STEM, SPEAKER_MEANS, RunDir, errors_tsv, output_stem, read_errors_tsv)
+from spk_toolkit.io.storage import WRITERS, get_writer
+from spk_toolkit.scoring import average_embeddings
 
 logger = logging.getLogger(__name__)
 
-EMBEDDING = "embedding"  # the output name of speaker-embedding backends
-
-
-def output_stem(name: str) -> str:
-    """File stem of an output: ``embeddings`` for the ``embedding`` output (ESPnet's and our name), else ``name``."""
-    return "embeddings" if name == EMBEDDING else name
-
-
-#: Files and directories of a run, besides the outputs' storage files (removed by ``--overwrite``).
-RUN_FILES = (PLAN_NAME, "summary.json", "errors.tsv", "run.log")
-RUN_DIRS = ("shards", "ranks", "scores")
-STORAGE_SUFFIXES = (".npz", ".ark", ".scp", ".h5", ".hdf5")
 
 
 def remove_run(out: Path) -> List[str]:
     """Remove every file a previous run wrote in ``out`` (``--overwrite``); returns what was removed.
 
-    That is the run files (:data:`RUN_FILES`, :data:`RUN_DIRS`), the storage files of every output the previous
-    summary or plan names and of the default stems (``embeddings``, ``spk_embeddings``) in every registered
-    format, and temporary files of killed runs. Nothing else in ``out`` is touched.
+    :meth:`spk_toolkit.io.rundir.RunDir.remove` with every registered storage format's writer.
     """
-    out = Path(out)
-    if not out.is_dir():
-        return []
-    stems = {"embeddings", "spk_embeddings"}
-    paths = set()
-    try:
-        old = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-        for name in old.get("kinds", {}):
-            stems.add(output_stem(name))
-        for v in old.get("outputs", {}).values():
-            if isinstance(v, str):
-                paths.add(Path(v).name)
-    except (OSError, ValueError, AttributeError):
-        pass
-    removed = []
-    for stem in stems:
-        for suf in STORAGE_SUFFIXES:
-            paths.add(stem + suf)
-            paths.add(f".{stem}{suf}.lock")  # commit-group lock of multi-file formats (io.atomic.commit_together)
-        paths.add(stem)  # npy_dir
-    for name in sorted(paths | set(RUN_FILES) | set(RUN_DIRS)):
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            if name in RUN_DIRS or name in stems:
-                shutil.rmtree(p)
-                removed.append(name + "/")
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-            removed.append(name)
-    for p in out.iterdir():
-        if is_temporary(p.name):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-            removed.append(p.name)
-    return removed
+    return RunDir(out).remove(WRITERS.values())
 
 
-def errors_tsv(records) -> str:
-    """The text of ``errors.tsv``: a header and one ``utt_id<TAB>path<TAB>reason`` row per record.
+class _Spill:
+    """The rows of every shard, spilled to one flat temporary file per output (``np.memmap`` at merge time), so
+    the merge holds one shard in memory at a time at any corpus size."""
 
-    Written with the :mod:`csv` module (TAB delimiter, ``\n`` line ends, minimal quoting), so a path holding a
-    TAB, a newline or a double quote is quoted and every row has exactly three columns; read it back with
-    :func:`read_errors_tsv` (or ``csv.reader(f, delimiter="\t")``). Whitespace runs in a reason become one space.
+    def __init__(self, out: Path):
+        self.out = out
+        self.index: Dict[str, int] = {}  # utt_id -> row in the spill files
+        self.kinds: Dict[str, dict] = {}
+        self.files: Dict[str, object] = {}
+        self.offsets: Dict[str, List[int]] = {}
+        self.lengths: Dict[str, List[int]] = {}  # first-axis length per utterance (1 for vectors)
+        self.flat: Dict[str, np.ndarray] = {}
 
-    Parameters
-    ----------
-    records : iterable of (utt_id, path, reason)
+    def path(self, name: str) -> Path:
+        return self.out / f".merge-{name}.tmp{os.getpid()}.bin"
 
-    Returns
-    -------
-    str
-    """
-    import csv
-    import io
+    def add_shard(self, sd, k: int, errors: Dict[str, tuple]) -> None:
+        """Append shard ``k``'s rows (``sd``: :class:`spk_toolkit.engine.shards.ShardData`).
 
-    buf = io.StringIO()
-    w = csv.writer(buf, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-    w.writerow(["utt_id", "path", "reason"])
-    for uid, path, reason in records:
-        w.writerow([uid, path, " ".join(str(reason).split())])
-    return buf.getvalue()
+        Raises
+        ------
+        ExtractionError
+            The shard's outputs differ from the others', or one of its utterances was already seen.
+        """
+        if not self.kinds:
+            self.kinds = sd.kinds
+        elif sd.kinds != self.kinds and sd.keys:
+            raise ExtractionError(f"cannot merge: {shard_path(self.out, k)} holds outputs {sd.kinds}, other shards "
+                                  f"{self.kinds}")
+        for name in self.kinds:
+            if name not in self.files:
+                self.files[name] = open(self.path(name), "wb")
+                self.offsets[name], self.lengths[name] = [], []
+        with naming(self.out):  # the spill files are temporaries in out: name the directory
+            for row, key in enumerate(sd.keys):
+                if key in self.index or key in errors:
+                    raise ExtractionError(f"utterance {key!r} appears twice (shard {k})")
+                self.index[key] = len(self.index)
+                for name, kind in self.kinds.items():
+                    a = np.ascontiguousarray(sd.outputs[name][row], dtype=np.dtype(kind["dtype"]))
+                    self.offsets[name].append(self.files[name].tell())
+                    self.files[name].write(a.tobytes())
+                    self.lengths[name].append(len(a) if kind["kind"] == "sequence" else 1)
+
+    def finish(self) -> None:
+        """Close the spill files and map them for reading."""
+        with naming(self.out):
+            for name, f in self.files.items():
+                f.close()
+                p = self.path(name)
+                self.flat[name] = np.memmap(p, dtype=np.uint8, mode="r") if os.path.getsize(p) else np.zeros(0, np.uint8)
+
+    def row(self, name: str, key: str) -> np.ndarray:
+        """Output ``name`` of utterance ``key``, as stored in its shard."""
+        kind = self.kinds[name]
+        dtype, tail = np.dtype(kind["dtype"]), tuple(kind["shape"])
+        size = int(np.prod(tail, dtype=np.int64)) * dtype.itemsize
+        r = self.index[key]
+        n = self.lengths[name][r]
+        buf = self.flat[name][self.offsets[name][r]: self.offsets[name][r] + n * size]
+        return np.frombuffer(buf, dtype=dtype).reshape((n, *tail) if kind["kind"] == "sequence" else tail).copy()
+
+    def view(self, name: str) -> Mapping[str, np.ndarray]:
+        """A read-only ``utt_id -> array`` mapping of output ``name`` (for :func:`average_embeddings`)."""
+        spill = self
+
+        class _View(Mapping):
+            def __getitem__(self, key):
+                return spill.row(name, key)
+
+            def __iter__(self):
+                return iter(spill.index)
+
+            def __len__(self):
+                return len(spill.index)
+
+        return _View()
+
+    def close(self) -> None:
+        """Close and remove the spill files (also after a failure)."""
+        self.flat.clear()
+        for name, f in self.files.items():
+            f.close()
+            self.path(name).unlink(missing_ok=True)
 
 
-def read_errors_tsv(path) -> List[tuple]:
-    """Rows of an ``errors.tsv`` written by :func:`errors_tsv`: ``[(utt_id, path, reason), ...]``.
-
-    Parameters
-    ----------
-    path : path-like
-
-    Returns
-    -------
-    list of (str, str, str)
+def _read_shards(plan: Plan, out: Path, spill: _Spill, errors: Dict[str, tuple]) -> dict:
+    """Verify every shard and spill its rows; returns the shard accounting (audio, clipped, wall, workers).
 
     Raises
     ------
-    ValueError
-        A row without exactly three columns (names file and row).
-    OSError
-        The file cannot be read.
+    ExtractionError
+        A shard is missing or does not verify (named), or an utterance appears twice.
     """
-    import csv
+    acct = {"audio_s": 0.0, "clipped": 0, "wall": [], "workers": {}}
+    for k in range(len(plan.shards)):
+        p = shard_path(out, k)
+        if not p.is_file():
+            raise ExtractionError(f"cannot merge: {p} is missing (shard {k} not finished)")
+        try:
+            sd = read_shard(p, k, plan.shard_keys(k), plan.shard_fingerprint(k))
+        except ShardInvalid as e:
+            raise ExtractionError(f"cannot merge: {e}") from None
+        spill.add_shard(sd, k, errors)
+        for key, path, reason in sd.errors:
+            if key in spill.index or key in errors:
+                raise ExtractionError(f"utterance {key!r} appears twice (shard {k})")
+            errors[key] = (key, path, reason)
+        acct["audio_s"] += sd.audio_seconds
+        acct["clipped"] += len(sd.clipped)
+        acct["wall"].append(sd.wall)
+        acct["workers"][sd.worker] = acct["workers"].get(sd.worker, 0) + 1
+    return acct
 
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t"))
-    for n, r in enumerate(rows[1:], 2):
-        if len(r) != 3:
-            raise ValueError(f"{path}: row {n} has {len(r)} columns, expected utt_id, path, reason")
-    return [tuple(r) for r in rows[1:]]
 
-
-def _spill_path(out: Path, name: str) -> Path:
-    return out / f".merge-{name}.tmp{os.getpid()}.bin"
+def _write_outputs(plan: Plan, out: Path, opts: ExtractOptions, spill: _Spill) -> tuple:
+    """Write every output in every format, in input order, and the speaker means; returns
+    ``(outputs, outputs_by_name)`` as the summary records them."""
+    order = [u.utt_id for u in plan.utts if u.utt_id in spill.index]
+    spk2utt = spk2utt_from(u for u in plan.utts if u.utt_id in spill.index)
+    outputs, by_name = {}, {}
+    for name, kind in spill.kinds.items():
+        stem = output_stem(name, opts.output_stem)
+        by_name[name] = {}
+        for fmt in opts.output_format:
+            with naming(get_writer(fmt).output_path(out, stem)), \
+                    get_writer(fmt)(out, stem, **opts.writer_options.get(fmt, {})) as w:
+                for key in order:
+                    w.write(key, spill.row(name, key))
+            by_name[name][fmt] = str(w.path)
+            fault_point("merge_output")
+            if name == EMBEDDING:
+                outputs[fmt] = str(w.path)
+        if name == EMBEDDING and kind["kind"] == "vector" and spk2utt:
+            means = average_embeddings(spill.view(name), spk2utt)
+            rd = RunDir(out)
+            with naming(rd.speaker_means_path()), get_writer("npz")(out, SPEAKER_MEANS) as w:
+                for spk in spk2utt:
+                    w.write(spk, means[spk].astype(np.float32))
+            outputs["spk_npz"] = str(w.path)
+    return outputs, by_name
 
 
 def merge(plan: Plan, output_dir, opts: ExtractOptions, extra_summary: Optional[dict] = None) -> dict:
     """Verify and merge all shards into the final outputs; returns the summary (also ``summary.json``).
 
     Outputs are written in the corpus' input order through the storage registry (``opts.output_format``), one
-    set of files per output name (:func:`output_stem`). Speaker means (``spk_embeddings``, npz) are the
-    arithmetic mean of the speaker's raw utterance embeddings (not L2-normalised first, not re-normalised),
-    written when the corpus has speaker labels and the model has an ``embedding`` output.
+    set of files per output name (:func:`spk_toolkit.io.rundir.output_stem`, ``opts.output_stem`` for the
+    ``embedding`` output). Speaker means (``spk_embeddings``, npz) are the arithmetic mean of the speaker's raw
+    utterance embeddings in float64 (:func:`spk_toolkit.scoring.average_embeddings`; not L2-normalised first,
+    not re-normalised), written when the corpus has speaker labels and the model has an ``embedding`` output.
 
     Raises
     ------
@@ -155,124 +195,53 @@ def merge(plan: Plan, output_dir, opts: ExtractOptions, extra_summary: Optional[
         A shard is missing or does not verify (named), an utterance appears twice, or an utterance is neither
         stored nor in the errors.
     """
-    out = Path(output_dir)
+    out, rd = Path(output_dir), RunDir(output_dir)
     path_of = {u.utt_id: u.path for u in plan.utts}
     errors: Dict[str, tuple] = {u: (u, path_of[u], r) for u, r in plan.pre_errors.items()}
-    index: Dict[str, int] = {}  # utt_id -> row in the spill files
-    lengths: Dict[str, List[int]] = {}  # per output, first-axis length per utterance (1 for vectors)
-    kinds: Dict[str, dict] = {}
-    spills: Dict[str, object] = {}
-    offsets: Dict[str, List[int]] = {}
-    audio_s, shard_wall, workers, clipped = 0.0, [], {}, 0
+    spill = _Spill(out)
     try:
-        for k in range(len(plan.shards)):
-            p = shard_path(out, k)
-            if not p.is_file():
-                raise ExtractionError(f"cannot merge: {p} is missing (shard {k} not finished)")
-            try:
-                sd = read_shard(p, k, plan.shard_keys(k), plan.shard_fingerprint(k))
-            except ShardInvalid as e:
-                raise ExtractionError(f"cannot merge: {e}") from None
-            if not kinds:
-                kinds = sd.kinds
-            elif sd.kinds != kinds and sd.keys:
-                raise ExtractionError(f"cannot merge: {p} holds outputs {sd.kinds}, other shards {kinds}")
-            for name in kinds:
-                if name not in spills:
-                    spills[name] = open(_spill_path(out, name), "wb")
-                    offsets[name], lengths[name] = [], []
-            with naming(out):  # the spill files are temporaries in out: name the directory
-                for row, key in enumerate(sd.keys):
-                    if key in index or key in errors:
-                        raise ExtractionError(f"utterance {key!r} appears twice (shard {k})")
-                    index[key] = len(index)
-                    for name in kinds:
-                        a = np.ascontiguousarray(sd.outputs[name][row], dtype=np.dtype(kinds[name]["dtype"]))
-                        f = spills[name]
-                        offsets[name].append(f.tell())
-                        f.write(a.tobytes())
-                        lengths[name].append(len(a) if kinds[name]["kind"] == "sequence" else 1)
-            for key, path, reason in sd.errors:
-                if key in index or key in errors:
-                    raise ExtractionError(f"utterance {key!r} appears twice (shard {k})")
-                errors[key] = (key, path, reason)
-            audio_s += sd.audio_seconds
-            clipped += len(sd.clipped)
-            shard_wall.append(sd.wall)
-            workers.setdefault(sd.worker, 0)
-            workers[sd.worker] += 1
-        with naming(out):
-            for f in spills.values():
-                f.close()
-        lost = [u.utt_id for u in plan.utts if u.utt_id not in index and u.utt_id not in errors]
+        acct = _read_shards(plan, out, spill, errors)
+        spill.finish()
+        lost = [u.utt_id for u in plan.utts if u.utt_id not in spill.index and u.utt_id not in errors]
         if lost:
             raise ExtractionError(f"{len(lost)} utterance(s) neither embedded nor in errors.tsv, e.g. {lost[:5]}")
-        order = [u.utt_id for u in plan.utts if u.utt_id in index]
-        outputs, by_name = {}, {}
-        for name, kind in kinds.items():
-            dtype, tail = np.dtype(kind["dtype"]), tuple(kind["shape"])
-            size = int(np.prod(tail, dtype=np.int64)) * dtype.itemsize
-            flat = (np.memmap(_spill_path(out, name), dtype=np.uint8, mode="r")
-                    if os.path.getsize(_spill_path(out, name)) else np.zeros(0, np.uint8))
-            offs, lens = offsets[name], lengths[name]
-
-            def row_of(key: str) -> np.ndarray:
-                r = index[key]
-                n = lens[r]
-                buf = flat[offs[r]: offs[r] + n * size]
-                arr = np.frombuffer(buf, dtype=dtype)
-                return arr.reshape((n, *tail) if kind["kind"] == "sequence" else tail).copy()
-
-            by_name[name] = {}
-            for fmt in opts.output_format:
-                with naming(get_writer(fmt).output_path(out, output_stem(name))), \
-                        get_writer(fmt)(out, output_stem(name), **opts.writer_options.get(fmt, {})) as w:
-                    for key in order:
-                        w.write(key, row_of(key))
-                by_name[name][fmt] = str(w.path)
-                fault_point("merge_output")
-                if name == EMBEDDING:
-                    outputs[fmt] = str(w.path)
-            spk2utt = spk2utt_from(u for u in plan.utts if u.utt_id in index)
-            if name == EMBEDDING and kind["kind"] == "vector" and spk2utt:
-                with naming(out / "spk_embeddings.npz"), get_writer("npz")(out, "spk_embeddings") as w:
-                    for spk, keys in spk2utt.items():
-                        mean = np.mean(np.stack([row_of(k).astype(np.float64) for k in keys]), axis=0)
-                        w.write(spk, mean.astype(np.float32))
-                outputs["spk_npz"] = str(w.path)
-            del flat
+        outputs, by_name = _write_outputs(plan, out, opts, spill)
     finally:
-        for name, f in spills.items():
-            f.close()
-            _spill_path(out, name).unlink(missing_ok=True)
+        spill.close()
     err_lines = [errors[u.utt_id] for u in plan.utts if u.utt_id in errors]
-    with naming(out / "errors.tsv"):
-        atomic_write_text(out / "errors.tsv", errors_tsv(err_lines))
-    outputs["errors"] = str(out / "errors.tsv")
+    with naming(rd.errors_path):
+        outputs["errors"] = str(rd.write_errors(err_lines))
+    summary = _summary(plan, opts, spill, acct, len(err_lines), outputs, by_name, extra_summary)
+    with naming(rd.summary_path):
+        rd.write_summary(summary)
+    rd.remove_temporaries()
+    return summary
+
+
+def _summary(plan: Plan, opts: ExtractOptions, spill: _Spill, acct: dict, n_errors: int, outputs: dict,
+             by_name: dict, extra: Optional[dict]) -> dict:
+    """The run summary (``summary.json``'s schema: :mod:`spk_toolkit.io.rundir`)."""
+    kinds = spill.kinds
     emb_kind = kinds.get(EMBEDDING) or plan.model_info.get("outputs", {}).get(EMBEDDING)
     dim = int(emb_kind["shape"][-1]) if emb_kind and emb_kind.get("shape") else int(plan.model_info.get("embed_dim", 0))
-    spk2utt = spk2utt_from(u for u in plan.utts if u.utt_id in index)
+    spk2utt = spk2utt_from(u for u in plan.utts if u.utt_id in spill.index)
     summary = {
-        "utterances": len(plan.utts), "embedded": len(index), "errors": len(err_lines),
-        "speakers": len(spk2utt), "audio_hours": audio_s / 3600.0, "embedding_dim": dim,
-        "segments_clipped": clipped,
+        "utterances": len(plan.utts), "embedded": len(spill.index), "errors": n_errors,
+        "speakers": len(spk2utt), "audio_hours": acct["audio_s"] / 3600.0, "embedding_dim": dim,
+        "segments_clipped": acct["clipped"],
         "model": plan.model_info, "kinds": kinds, "shards": len(plan.shards),
-        "shard_wall_seconds_mean": float(np.mean(shard_wall)) if shard_wall else 0.0,
+        "shard_wall_seconds_mean": float(np.mean(acct["wall"])) if acct["wall"] else 0.0,
         "output_formats": opts.output_format, "outputs": outputs, "outputs_by_name": by_name,
-        "shard_workers": workers,
+        "shard_workers": acct["workers"],
     }
-    if extra_summary:
-        summary.update(extra_summary)
+    if opts.output_stem != EMBEDDING_STEM:
+        summary["output_stem"] = opts.output_stem
+    if extra:
+        summary.update(extra)
     if summary.get("wall_seconds"):
-        computed = summary.get("computed_audio_seconds", audio_s)
+        computed = summary.get("computed_audio_seconds", acct["audio_s"])
         summary["throughput_x_realtime"] = computed / summary["wall_seconds"]
-        summary["utterances_per_second"] = summary.get("computed_utterances", len(index)) / summary["wall_seconds"]
-    with naming(out / "summary.json"):
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    sdir = out / "shards"
-    for stale in (list(sdir.iterdir()) if sdir.is_dir() else []) + list(out.iterdir()):
-        if is_temporary(stale.name):  # partial files of killed runs (never read)
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        summary["utterances_per_second"] = summary.get("computed_utterances", len(spill.index)) / summary["wall_seconds"]
     return summary
 
 

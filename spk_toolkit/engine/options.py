@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from spk_toolkit.io.audio import DEFAULT_MIN_DURATION
+from spk_toolkit.io.rundir import RUN_DIRS, RUN_FILES
 from spk_toolkit.io.writers import parse_formats
 
 
@@ -89,6 +91,10 @@ class ExtractOptions:
         ``channels x frames`` activations per layer: gigabytes for an hour), at the price of changing the
         embedding of long utterances: it is no longer the model's own pooling over the whole utterance. Not
         needed for resemblyzer (its partial windows are already bounded). Vector outputs only.
+    output_stem : str
+        File stem of the ``embedding`` output (default ``embeddings``: ``embeddings.npz``, ``embeddings.scp``,
+        ...; ``spk_embed_extract`` names it ``<set>_embeddings`` as ESPnet). The summary names the files, so
+        readers, resume and ``--overwrite`` follow it. Other outputs keep their own names (``fbank``, ...).
     writer_options : dict
         ``format -> {option: value}`` passed to that format's writer at merge, e.g. ``{"hdf5": {"compression":
         "lzf"}}`` (:meth:`spk_toolkit.io.storage.Writer.check_options` validates them before any work). They
@@ -116,6 +122,7 @@ class ExtractOptions:
     header_timeout: float = 30.0
     pipe_timeout: float = 600.0
     max_chunk_duration: float = 0.0
+    output_stem: str = "embeddings"
     writer_options: Dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -141,6 +148,11 @@ class ExtractOptions:
         _check_float("header_timeout", self.header_timeout, 0.0, strict=True)
         _check_float("pipe_timeout", self.pipe_timeout, 0.0, strict=True)
         _check_float("max_chunk_duration", self.max_chunk_duration, 0.0, strict=False)
+        st = self.output_stem
+        if not isinstance(st, str) or not st or "/" in st or os.sep in st or st.startswith(".") \
+                or any(c.isspace() or c == "\0" for c in st) or st in RUN_FILES + RUN_DIRS:
+            raise ValueError(f"output_stem must be a plain file name stem (no '/', no leading '.', no whitespace, "
+                             f"not a run file), got {st!r}")
         if self.max_chunk_duration and self.crops:
             raise ValueError("max_chunk_duration and crops cannot be combined (crops are already bounded)")
 

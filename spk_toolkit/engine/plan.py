@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from spk_toolkit.io.rundir import PLAN
 from spk_toolkit.engine.options import ExtractionError, ExtractOptions
 from spk_toolkit.io.atomic import atomic_write_text
 from spk_toolkit.io.preflight import naming
@@ -28,7 +29,7 @@ from spk_toolkit.io.datadir import CorpusError, Utterance, load_corpus, measure_
 logger = logging.getLogger(__name__)
 
 PLAN_VERSION = 2
-PLAN_NAME = "plan.json"
+PLAN_NAME = PLAN  # spk_toolkit.io.rundir names the run's files
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from spk_toolkit.io.rundir import RunDir
 from spk_toolkit.engine.faults import fault_point
 from spk_toolkit.io.atomic import atomic_path
 from spk_toolkit.io.preflight import naming
@@ -78,7 +79,7 @@ class ShardData:
 
 def shard_path(output_dir, k: int) -> Path:
     """Path of shard ``k``'s file: ``<output_dir>/shards/shard-KKKKK.npz``."""
-    return Path(output_dir) / "shards" / f"shard-{k:05d}.npz"
+    return RunDir(output_dir).shard_path(k)
 
 
 def _checksum(arrays: Dict[str, np.ndarray]) -> str:

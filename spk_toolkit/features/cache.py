@@ -190,19 +190,18 @@ def open_cache(path, output: Optional[str] = None, fmt: Optional[str] = None, ex
         64``).
     """
     from spk_toolkit.engine.plan import describe_changes
+    from spk_toolkit.io.rundir import RunDir
     from spk_toolkit.io.storage import READERS, get_reader
 
     d = Path(path)
     if not d.is_dir():
         raise FileNotFoundError(f"cache directory not found: {d}")
-    sfile = d / "summary.json"
-    if not sfile.is_file():
-        raise FileNotFoundError(f"{d} holds no finished cache (no summary.json): run cache_features into it to "
+    rd = RunDir(d)
+    sfile = rd.summary_path
+    summary = rd.read_summary()
+    if summary is None:
+        raise FileNotFoundError(f"{d} holds no finished cache (no {sfile.name}): run cache_features into it to "
                                 "completion (it resumes the finished shards)")
-    try:
-        summary = json.loads(sfile.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{sfile}: not valid JSON ({e})") from None
     by_name = summary.get("outputs_by_name") or {}
     kinds = summary.get("kinds") or {}
     if not by_name:

@@ -333,6 +333,13 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
 
 
+def group_lock_path(first_final: str | os.PathLike) -> Path:
+    """The lock file :func:`commit_together` takes for a group whose first item is ``first_final``:
+    ``.<name>.lock`` beside it (left in place; ``--overwrite`` removes it)."""
+    first = Path(first_final)
+    return first.parent / f".{first.name}.lock"
+
+
 def commit_together(items: Sequence[AtomicPath], remove_first: Sequence[str | os.PathLike] = (),
                     lock_timeout: float = 600.0) -> None:
     """Commit several :class:`AtomicPath` in order, under one lock, so concurrent committers of the same
@@ -365,7 +372,7 @@ def commit_together(items: Sequence[AtomicPath], remove_first: Sequence[str | os
 
     first = items[0].final
     try:
-        with filelock.FileLock(str(first.parent / f".{first.name}.lock"), timeout=lock_timeout):
+        with filelock.FileLock(str(group_lock_path(first)), timeout=lock_timeout):
             for p in remove_first:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)

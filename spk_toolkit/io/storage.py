@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import json
 import os
 import re
 import zipfile
@@ -61,7 +60,8 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
-from spk_toolkit.io.atomic import AtomicPath, commit_together
+from spk_toolkit.io.atomic import AtomicPath, commit_together, group_lock_path
+from spk_toolkit.io.rundir import RunDir
 
 __all__ = [
     "FORMAT_ALIASES", "READERS", "WRITERS", "Hdf5Reader", "Hdf5Writer", "KaldiArkReader", "KaldiArkWriter",
@@ -301,6 +301,8 @@ class Writer(abc.ABC):
     """
 
     name: str = ""
+    #: True when the main output is a directory (npy_dir): ``--overwrite`` removes it as a tree.
+    makes_directory: bool = False
 
     def __init__(self, output_dir: str | os.PathLike, stem: str = "embeddings", *, fsync: bool = True):
         if not isinstance(stem, str) or not stem or "/" in stem or os.sep in stem or stem.startswith(".") \
@@ -344,6 +346,14 @@ class Writer(abc.ABC):
         """Every final path of this format for ``stem`` (e.g. the ``.ark`` and the ``.scp``), main path last;
         default ``(output_path,)``. For cleaning a previous run's outputs without creating a writer."""
         return (cls.output_path(output_dir, stem),)
+
+    @classmethod
+    def owned_paths(cls, output_dir: str | os.PathLike, stem: str = "embeddings") -> Tuple[Path, ...]:
+        """Every path a writer of this format may leave for ``stem``: :meth:`output_paths` plus the commit-group
+        lock of a multi-file format (:func:`spk_toolkit.io.atomic.group_lock_path`). What ``--overwrite`` removes
+        (:meth:`spk_toolkit.io.rundir.RunDir.remove`)."""
+        paths = cls.output_paths(output_dir, stem)
+        return paths + ((group_lock_path(paths[0]),) if len(paths) > 1 else ())
 
     @property
     def path(self) -> Path:
@@ -1120,6 +1130,8 @@ class NpyDirWriter(Writer):
         ``A`` vs ``a``).
     """
 
+    makes_directory = True
+
     def __init__(self, output_dir, stem: str = "embeddings", *, fsync: bool = True):
         super().__init__(output_dir, stem, fsync=fsync)
         self._atomic = AtomicPath(self.path, fsync=fsync)
@@ -1233,30 +1245,8 @@ register_storage("npy_dir", NpyDirWriter, NpyDirReader)
 
 # ------------------------------------------------------------------------------------------------ open_reader
 def _from_summary(directory: Path, only: Optional[str] = None) -> Optional[Tuple[str, Path]]:
-    """(format, path) of the main output named by an spk_toolkit run's ``summary.json``, or None."""
-    sfile = directory / "summary.json"
-    if not sfile.is_file():
-        return None
-    try:
-        summary = json.loads(sfile.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{sfile}: not valid JSON ({e})") from None
-    outputs = summary.get("outputs") if isinstance(summary, dict) else None
-    if not isinstance(outputs, dict):
-        return None
-    formats = summary.get("output_formats") or list(outputs)
-    named = []
-    for fmt in formats:
-        fmt = FORMAT_ALIASES.get(fmt, fmt)
-        if fmt not in READERS or fmt not in outputs or (only is not None and fmt != only):
-            continue
-        cand = directory / Path(outputs[fmt]).name  # the run directory may have moved since
-        named.append(str(cand))
-        if cand.exists():
-            return fmt, cand
-    if named:
-        raise FileNotFoundError(f"{sfile} names {', '.join(named)}, none of which exists")
-    return None
+    """(format, path) of the main output named by a run directory's summary (:meth:`RunDir.main_output`)."""
+    return RunDir(directory).main_output(READERS, FORMAT_ALIASES, only=only)
 
 
 def open_reader(path: str | os.PathLike, name: Optional[str] = None) -> Reader:

@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from spk_toolkit.io.rundir import RunDir
 from spk_toolkit.engine.options import ExtractionError
 from spk_toolkit.parallel import Executor, assign_shards, register_executor, torchrun_launch
 
@@ -211,8 +212,9 @@ class TorchrunExecutor(Executor):
         self._phase = "started"
         status = {"ok": True, "worker": self.worker, "reports": []}
         try:
-            if not (Path(output_dir) / "plan.json").is_file():
-                raise ExtractionError(f"{Path(output_dir) / 'plan.json'} written by rank 0 is not visible here: "
+            plan_file = RunDir(output_dir).plan_path
+            if not plan_file.is_file():
+                raise ExtractionError(f"{plan_file} written by rank 0 is not visible here: "
                                       "--output_dir must be on a file system shared by every node")
             plan = prepare_run(data, output_dir, head["model_info"], dataclasses.replace(opts, overwrite=False),
                                write_plan=False)

@@ -83,7 +83,6 @@ from spk_toolkit.io.datadir import Utterance
 logger = logging.getLogger(__name__)
 
 P_TARGETS = (0.01, 0.05)
-MERGED_NAME = "embeddings.npz"
 #: ``path`` of the in-memory utterances built from a custom iterator's batches (a description only)
 IN_MEMORY_PATH = "<in memory, from the trainer's iterator>"
 #: engine options :meth:`SpkTrainer.extract_embed` sets itself (not settable through ``extract_options``)
@@ -837,6 +836,7 @@ class SpkTrainer(Trainer):
         from spk_toolkit.backends.espnet.model import model_sample_rate
         from spk_toolkit.engine import extract
         from spk_toolkit.engine.run import default_worker_name
+        from spk_toolkit.io.rundir import RunDir
 
         bs = check_custom_bs(custom_bs)
         extra = dict(cls.extract_options or {})
@@ -864,7 +864,7 @@ class SpkTrainer(Trainer):
         # the torchrun executor runs on the trainer's initialised process group (however ESPnet launched it)
         summary = extract(corpus.utts, output_dir, model=backend, executor=executor, **opts)
         if summary is None:  # ranks > 0: rank 0 merged before releasing them
-            summary = json.loads((Path(output_dir) / "summary.json").read_text(encoding="utf-8"))
+            summary = RunDir(output_dir).read_summary()
             mine = None
         else:
             mine = summary
@@ -877,7 +877,7 @@ class SpkTrainer(Trainer):
             "decoded": int(me.get("decoded", 0)), "computed": int(me.get("utterances", 0)),
             "shards": list(me.get("shards", [])), "n_shards": int(summary["shards"]),
             "shards_resumed": int(summary.get("shards_resumed", 0)),
-            "output": str(Path(output_dir) / MERGED_NAME), "summary": mine,
+            "output": str(Path(output_dir) / Path(summary["outputs"]["npz"]).name), "summary": mine,
         }  # fmt: skip
         reporter.register(stats=dict(n_utts=cls.last_extraction["computed"]))
 
