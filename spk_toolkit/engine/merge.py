@@ -49,6 +49,7 @@ class _Spill:
         self.offsets: Dict[str, List[int]] = {}
         self.lengths: Dict[str, List[int]] = {}  # first-axis length per utterance (1 for vectors)
         self.flat: Dict[str, np.ndarray] = {}
+        self._layouts: Dict[str, tuple] = {}
 
     def path(self, name: str) -> Path:
         return self.out / f".merge-{name}.tmp{os.getpid()}.bin"
@@ -89,15 +90,22 @@ class _Spill:
                 p = self.path(name)
                 self.flat[name] = np.memmap(p, dtype=np.uint8, mode="r") if os.path.getsize(p) else np.zeros(0, np.uint8)
 
+    def _layout(self, name: str) -> tuple:
+        """``(dtype, tail shape, bytes per row, is sequence)`` of output ``name`` (computed once per output)."""
+        if name not in self._layouts:
+            kind = self.kinds[name]
+            dtype, tail = np.dtype(kind["dtype"]), tuple(kind["shape"])
+            self._layouts[name] = (dtype, tail, int(np.prod(tail, dtype=np.int64)) * dtype.itemsize,
+                                   kind["kind"] == "sequence")
+        return self._layouts[name]
+
     def row(self, name: str, key: str) -> np.ndarray:
         """Output ``name`` of utterance ``key``, as stored in its shard."""
-        kind = self.kinds[name]
-        dtype, tail = np.dtype(kind["dtype"]), tuple(kind["shape"])
-        size = int(np.prod(tail, dtype=np.int64)) * dtype.itemsize
+        dtype, tail, size, sequence = self._layout(name)
         r = self.index[key]
         n = self.lengths[name][r]
         buf = self.flat[name][self.offsets[name][r]: self.offsets[name][r] + n * size]
-        return np.frombuffer(buf, dtype=dtype).reshape((n, *tail) if kind["kind"] == "sequence" else tail).copy()
+        return np.frombuffer(buf, dtype=dtype).reshape((n, *tail) if sequence else tail).copy()
 
     def view(self, name: str) -> Mapping[str, np.ndarray]:
         """A read-only ``utt_id -> array`` mapping of output ``name`` (for :func:`average_embeddings`)."""

@@ -28,10 +28,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from spk_toolkit.io.rundir import RunDir
 from spk_toolkit.engine.faults import fault_point
 from spk_toolkit.io.atomic import atomic_path
 from spk_toolkit.io.preflight import naming
+from spk_toolkit.io.rundir import RunDir
 
 SHARD_VERSION = 1
 
