@@ -334,13 +334,15 @@ class EmbeddingModel(abc.ABC):
 
     def embed_utterances(self, utts, *, prepare: bool = True, batch_bins: int = 16000 * 240,
                          min_duration: float = DEFAULT_MIN_DURATION, allow_pipes: bool = False,
-                         num_workers: int = 0) -> "np.ndarray":
+                         num_workers: int = 0, crops: int = 0, crop_duration: float = 3.0,
+                         average_crops: bool = True, max_chunk_duration: float = 0.0) -> "np.ndarray":
         """Embed utterance records (files, segments or in-memory audio) in memory, with the pipeline's steps.
 
-        The same decoding, resampling, validation and preparation (:class:`spk_toolkit.data.UtteranceDataset`)
-        and the same length-bucketed batches (:func:`spk_toolkit.data.bucket_batches`) as the engine, without an
-        output directory; the embedding does not depend on the batch (DESIGN.md property 1), so it equals what
-        :func:`spk_toolkit.extract_embeddings` stores for the same audio.
+        The same decoding, resampling, validation and preparation (:class:`spk_toolkit.data.UtteranceDataset`),
+        the same length-bucketed batches (:func:`spk_toolkit.data.bucket_batches`), the same batch computation
+        (:func:`spk_toolkit.backends.batch.compute_batch`: crops, chunks) and the same non-finite policy as the
+        engine, without an output directory; the embedding does not depend on the batch (DESIGN.md property 1),
+        so it equals what :func:`spk_toolkit.extract_embeddings` stores for the same audio and options.
 
         Parameters
         ----------
@@ -355,47 +357,60 @@ class EmbeddingModel(abc.ABC):
             Run ``cmd |`` sources.
         num_workers : int
             DataLoader decoding workers (0 = decode in this process).
+        crops, crop_duration, average_crops : int, float (seconds), bool
+            ESPnet's evaluation crops, as ``spk_inference --crops`` (:class:`spk_toolkit.engine.ExtractOptions`).
+        max_chunk_duration : float
+            Seconds; longer utterances are the length-weighted mean of their chunks (0 = never), as
+            ``spk_inference --max_chunk_duration``.
 
         Returns
         -------
         np.ndarray of shape (N, D), float32, in input order
+            ``(N, crops, D)`` with ``crops`` and ``average_crops=False``.
 
         Raises
         ------
-        spk_toolkit.AudioLoadingError
-            The first utterance that cannot be embedded (path and reason), as ``--on_error raise`` would.
+        spk_toolkit.UtteranceError
+            The first utterance that cannot be embedded (its audio, or a non-finite embedding), with the message
+            and reason ``--on_error raise`` gives (an :class:`~spk_toolkit.io.audio.AudioLoadingError` too).
+        ValueError
+            Options out of range; a backend without a vector ``embedding`` output.
         """
         import numpy as np
 
+        from spk_toolkit.backends.batch import BatchOptions, compute_batch, nonfinite_reason, stored_kinds
         from spk_toolkit.data import UtteranceDataset, batch_loader, bucket_batches
-        from spk_toolkit.io.audio import AudioLoadingError
+        from spk_toolkit.errors import UtteranceError
         from spk_toolkit.io.datadir import measure_durations
 
+        opts = BatchOptions(batch_bins=batch_bins, crops=crops, crop_duration=crop_duration,
+                            average_crops=average_crops, max_chunk_duration=max_chunk_duration)
+        kind = self.output_kinds().get("embedding")
+        if kind is None or kind.kind != "vector":
+            raise ValueError(f"{self.name} has no vector 'embedding' output (outputs: {sorted(self.output_kinds())}); "
+                             "use spk_toolkit.extract_embeddings for other outputs")
+        kinds = {"embedding": kind}
         utts = list(utts)
         failed = measure_durations(utts, allow_pipes=allow_pipes)
         for u in utts:
             if u.utt_id in failed:
-                raise AudioLoadingError(u.path, failed[u.utt_id])
+                raise UtteranceError(u.utt_id, u.path, failed[u.utt_id])
         sr = self.sample_rate
         ds = UtteranceDataset(utts, sr, prepare=self.prepare if prepare else None,
                               min_samples=max(self.min_samples, int(round(min_duration * sr))),
                               allow_pipes=allow_pipes)
         batches = bucket_batches([int(round((u.duration or 0.0) * sr)) for u in utts], batch_bins)
-        kind = self.output_kinds().get("embedding")
-        if kind is None or kind.kind != "vector":
-            raise ValueError(f"{self.name} has no vector 'embedding' output (outputs: {sorted(self.output_kinds())}); "
-                             "use spk_toolkit.extract_embeddings for other outputs")
-        out = np.zeros((len(utts), *kind.shape), dtype=np.float32)
+        out = np.zeros((len(utts), *stored_kinds(kinds, opts)["embedding"].shape), dtype=np.float32)
         for batch in batch_loader(ds, batches, num_workers=num_workers):
             if batch.errors:
                 i, reason = batch.errors[0]
-                raise AudioLoadingError(utts[i].path, reason)
-            vec = self.compute(batch.wav, batch.lengths)["embedding"].detach().float().cpu().numpy()
-            bad = ~np.isfinite(vec.reshape(len(vec), -1)).all(axis=1)
-            if bad.any():
-                raise AudioLoadingError(utts[batch.indices[int(np.argmax(bad))]].path,
-                                        "model produced a non-finite embedding")
-            out[batch.indices] = vec
+                raise UtteranceError(utts[i].utt_id, utts[i].path, reason)
+            vals = compute_batch(self, kinds, batch, opts)["embedding"]
+            for i, v in zip(batch.indices, vals):
+                reason = nonfinite_reason({"embedding": v})
+                if reason:
+                    raise UtteranceError(utts[i].utt_id, utts[i].path, reason)
+                out[i] = v
         return out
 
     def cost(self, num_samples: int) -> float:

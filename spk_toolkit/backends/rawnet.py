@@ -4,7 +4,7 @@ ESPnet's ``extract_spk_embed.py --toolkit rawnet`` (and ESPnet3's x-vector runne
 of 10 deterministic crops of 3 s at 16 kHz (``_rawnet_extract_embd``: an utterance shorter than 3 s is first
 wrapped to 48001 samples with ``np.pad(..., "wrap")``; crop ``j`` starts at ``int(linspace(0, T - 48000, 10)[j])``),
 one utterance per forward; PR #6227 keeps that a per-utterance loop. That is exactly the engine's crop option
-(``crops=10, crop_duration=3.0``, :func:`spk_toolkit.engine.run.eval_crops`), which puts the crops of every
+(``crops=10, crop_duration=3.0``, :func:`spk_toolkit.backends.batch.eval_crops`), which puts the crops of every
 utterance of a batch into forwards of equal-length rows (no padding at all), so batching is exact.
 
 :class:`RawNetModel` (registered as ``"rawnet"``) is :class:`~spk_toolkit.backends.espnet.EspnetSpeakerModel` with

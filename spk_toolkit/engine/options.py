@@ -8,14 +8,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from spk_toolkit.errors import ExtractionError, UtteranceError
 from spk_toolkit.io.audio import DEFAULT_MIN_DURATION
 from spk_toolkit.io.rundir import RUN_DIRS, RUN_FILES
 from spk_toolkit.io.writers import parse_formats
-
-
-class ExtractionError(RuntimeError):
-    """Extraction stopped: ``--on_error raise`` met a bad utterance, ``--max_errors`` was exceeded, the output
-    directory holds a plan for a different corpus/model, is locked by another run, or a worker failed."""
 
 
 @dataclasses.dataclass
@@ -289,7 +285,7 @@ class ErrorPolicy:
             self.first = rec
         uid, path, reason = rec
         if (self.on_error == "raise") if raise_now is None else raise_now:
-            raise ExtractionError(f"utterance {uid!r} ({path}): {reason}")
+            raise UtteranceError(uid, path, reason)
         if self.warn is not None:
             self.warn(rec)
         self.check()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from spk_toolkit.backends.base import EmbeddingModel, OutputKind
+from spk_toolkit.backends.batch import compute_batch, nonfinite_reason, stored_kinds
 from spk_toolkit.data import Batch, TaggedBatchDataset, UtteranceDataset, batch_loader, bucket_batches
 from spk_toolkit.engine.faults import fault_point
 from spk_toolkit.engine.options import ErrorPolicy, ExtractOptions
@@ -135,155 +136,6 @@ def plan_batches(plan: Plan, shard_ids: Sequence[int], sample_rate: int, batch_b
     return batches, tags, est_len
 
 
-def eval_crops(x: np.ndarray, n: int, length: int) -> np.ndarray:
-    """ESPnet's deterministic evaluation crops of one waveform (``SpkPreprocessor``, validation mode).
-
-    Parameters
-    ----------
-    x : np.ndarray of shape (T,)
-    n : int
-        Number of crops (``num_eval``).
-    length : int
-        Samples per crop (``target_duration * fs``).
-
-    Returns
-    -------
-    np.ndarray of shape (n, length)
-        ``x`` is first wrapped to ``length + 1`` samples when shorter (``np.pad(x, (0, length - T + 1),
-        "wrap")``); crop ``j`` starts at ``int(linspace(0, T - length, n)[j])``. Source:
-        ``espnet2/train/preprocessor.py`` ``SpkPreprocessor._speech_process``.
-    """
-    if len(x) < length:
-        x = np.pad(x, (0, length - len(x) + 1), "wrap")
-    starts = np.linspace(0, len(x) - length, num=n)
-    return np.stack([x[int(s): int(s) + length] for s in starts])
-
-
-def compute_batch(model: EmbeddingModel, kinds: Dict[str, OutputKind], batch: Batch, opts: ExtractOptions
-                  ) -> Dict[str, List[np.ndarray]]:
-    """Every output of ``model`` for one padded batch, cut per utterance.
-
-    Parameters
-    ----------
-    model : EmbeddingModel
-    kinds : dict
-        ``model.output_kinds()``.
-    batch : Batch
-        ``wav (B, T)``, ``lengths (B,)``.
-    opts : ExtractOptions
-        ``crops`` / ``crop_duration`` / ``average_crops``: ESPnet's evaluation crops (:func:`eval_crops`), all
-        crops of the batch in forwards of at most ``batch_bins`` samples.
-
-    Returns
-    -------
-    dict
-        ``name -> list of B arrays``: ``(*shape)`` per vector output (``(n_crops, *shape)`` with crops not
-        averaged), ``(T'_i, *shape)`` per sequence output, in the output's dtype.
-
-    Raises
-    ------
-    ValueError
-        The model returned the wrong batch size, or crops were asked of a model with sequence outputs.
-    """
-    B = len(batch.indices)
-    if opts.max_chunk_duration and int(batch.lengths.max()) > round(opts.max_chunk_duration * model.sample_rate):
-        return _chunked_batch(model, kinds, batch, opts)
-    if opts.crops:
-        if any(k.kind != "vector" for k in kinds.values()):
-            raise ValueError("--crops applies to vector outputs (embeddings) only")
-        L = int(round(opts.crop_duration * model.sample_rate))
-        wav = batch.wav.numpy()
-        # (B, T) -> (B * n_crops, L): every crop has the same length, so there is no padding
-        rows = np.concatenate([eval_crops(wav[i, : int(batch.lengths[i])], opts.crops, L) for i in range(B)])
-        step = max(1, opts.batch_bins // L)
-        parts: Dict[str, list] = {name: [] for name in kinds}
-        for s in range(0, len(rows), step):
-            chunk = torch.from_numpy(np.ascontiguousarray(rows[s: s + step]))
-            res = model.compute(chunk, torch.full((len(chunk),), L, dtype=torch.int64))
-            for name in kinds:
-                parts[name].append(res[name].detach().float().cpu().numpy())
-        out = {}
-        for name, kind in kinds.items():
-            allc = np.concatenate(parts[name]).reshape(B, opts.crops, *kind.shape)  # (B, n_crops, *shape)
-            vals = allc.astype(np.float64).mean(axis=1) if opts.average_crops else allc
-            out[name] = [v.astype(kind.dtype) for v in vals]
-        return out
-    res = model.compute(batch.wav, batch.lengths)
-    out = {}
-    for name, kind in kinds.items():
-        val = res[name]
-        if kind.kind == "vector":
-            arr = val.detach().cpu().numpy()  # (B, *shape)
-            if arr.shape[0] != B:
-                raise ValueError(f"model output {name!r} has {arr.shape[0]} rows for a batch of {B}")
-            out[name] = [arr[i].astype(kind.dtype, copy=False) for i in range(B)]
-        else:
-            data, flen = val  # (B, T'_max, *shape), (B,)
-            arr, flen = data.detach().cpu().numpy(), flen.detach().cpu().numpy()
-            if arr.shape[0] != B or flen.shape != (B,):
-                raise ValueError(f"model output {name!r}: expected ({B}, T', ...) and ({B},) frame lengths")
-            out[name] = [arr[i, : int(flen[i])].astype(kind.dtype, copy=False) for i in range(B)]
-    return out
-
-
-def chunk_bounds(n: int, max_len: int) -> np.ndarray:
-    """Boundaries of ``ceil(n / max_len)`` equal consecutive chunks of ``n`` samples (``--max_chunk_duration``).
-
-    Parameters
-    ----------
-    n : int
-        Samples of the utterance (>= 1).
-    max_len : int
-        Longest chunk in samples (>= 1).
-
-    Returns
-    -------
-    np.ndarray of int64, shape (k + 1,)
-        ``0 = b_0 < b_1 < ... < b_k = n``; chunk lengths differ by at most one sample and are <= ``max_len``.
-
-    Raises
-    ------
-    ValueError
-        ``n`` or ``max_len`` < 1.
-    """
-    if n < 1 or max_len < 1:
-        raise ValueError(f"n and max_len must be >= 1, got {n} and {max_len}")
-    k = -(-n // max_len)
-    return (np.arange(k + 1, dtype=np.int64) * n) // k
-
-
-def _chunked_batch(model: EmbeddingModel, kinds: Dict[str, OutputKind], batch: Batch, opts: ExtractOptions
-                   ) -> Dict[str, List[np.ndarray]]:
-    """:func:`compute_batch` with ``max_chunk_duration``: long utterances as length-weighted means of chunks."""
-    from spk_toolkit.data import bucket_batches
-
-    if any(k.kind != "vector" for k in kinds.values()):
-        raise ValueError("--max_chunk_duration applies to vector outputs (embeddings) only")
-    L = int(round(opts.max_chunk_duration * model.sample_rate))
-    pieces = []  # (utterance row, start, stop)
-    for i in range(len(batch.indices)):
-        b = chunk_bounds(int(batch.lengths[i]), L)
-        pieces.extend((i, int(b[j]), int(b[j + 1])) for j in range(len(b) - 1))
-    lens = [e - s for _, s, e in pieces]
-    sums = {name: [None] * len(batch.indices) for name in kinds}
-    for group in bucket_batches(lens, max(opts.batch_bins, L), opts.max_batch_size):
-        T = max(lens[g] for g in group)
-        wav = torch.zeros(len(group), T, dtype=batch.wav.dtype)
-        for r, g in enumerate(group):
-            i, s0, e0 = pieces[g]
-            wav[r, : e0 - s0] = batch.wav[i, s0:e0]
-        res = model.compute(wav, torch.tensor([lens[g] for g in group], dtype=torch.int64))
-        for name in kinds:
-            vals = res[name].detach().cpu().numpy().astype(np.float64)
-            for r, g in enumerate(group):
-                i = pieces[g][0]
-                contrib = vals[r] * lens[g]
-                sums[name][i] = contrib if sums[name][i] is None else sums[name][i] + contrib
-    total = batch.lengths.numpy().astype(np.float64)
-    return {name: [(sums[name][i] / total[i]).astype(kind.dtype) for i in range(len(batch.indices))]
-            for name, kind in kinds.items()}
-
-
 def batch_outputs(ds: UtteranceDataset, batches: List[List[int]], tags: List[int],
                   compute: Callable[[Batch], Optional[Dict[str, List[np.ndarray]]]], opts: ExtractOptions
                   ) -> Iterator[Tuple[Batch, Optional[Dict[str, List[np.ndarray]]]]]:
@@ -377,9 +229,9 @@ class ShardAccumulator:
         if outputs is not None:
             for row, i in enumerate(batch.indices):
                 vals = {n: outputs[n][row] for n in self.kinds}
-                bad = [n for n, v in vals.items() if v.dtype.kind in "fc" and not np.isfinite(v).all()]
-                if bad:
-                    self._error(a, i, f"model produced a non-finite {' and '.join(bad)}")
+                reason = nonfinite_reason(vals)
+                if reason:
+                    self._error(a, i, reason)
                     continue
                 a["keys"].append(utts[i].utt_id)
                 for n, v in vals.items():
@@ -475,9 +327,7 @@ def run_shards(plan: Plan, shard_ids: Sequence[int], model: EmbeddingModel, outp
     policy = ErrorPolicy(opts.on_error, opts.max_errors,
                          warn=lambda r: logger.warning("skipping utterance %s (%s): %s", *r))
     # what a shard stores: with crops not averaged, each (vector) output is (n_crops, *shape) per utterance
-    stored = ({n: OutputKind(k.kind, k.dtype, (opts.crops, *k.shape)) for n, k in kinds.items()}
-              if opts.crops and not opts.average_crops else kinds)
-    acc = ShardAccumulator(plan, output_dir, stored, n_batches, policy, worker)
+    acc = ShardAccumulator(plan, output_dir, stored_kinds(kinds, opts), n_batches, policy, worker)
 
     def compute(batch: Batch):
         return compute_batch(model, kinds, batch, opts) if batch.indices else None

@@ -256,19 +256,15 @@ class FeatureExtractor(EmbeddingModel):
         list of dict
             Per waveform, ``name -> (T', *shape)`` (sequence) or ``(*shape)`` (vector), in the declared dtype.
         """
-        kinds = self.output_kinds()
+        from spk_toolkit.backends.batch import BatchOptions, compute_batch
+        from spk_toolkit.data import Batch
+
+        kinds, opts = self.output_kinds(), BatchOptions()
         out = []
         for w in wavs:
             x = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))[None]
-            res = self.compute(x, torch.tensor([x.shape[1]]))
-            row = {}
-            for n, k in kinds.items():
-                if k.kind == "sequence":
-                    data, flen = res[n]
-                    row[n] = data[0, : int(flen[0])].detach().cpu().numpy().astype(k.dtype)
-                else:
-                    row[n] = res[n][0].detach().cpu().numpy().astype(k.dtype)
-            out.append(row)
+            res = compute_batch(self, kinds, Batch(x, torch.tensor([x.shape[1]]), [0], []), opts)
+            out.append({n: v[0] for n, v in res.items()})
         return out
 
 

@@ -239,6 +239,8 @@ class UniqueEmbedder:
         self._seen: set = set()
         self._pending: List[Tuple[str, torch.Tensor, int]] = []
         self.task_token: Optional[torch.Tensor] = None
+        self.paths: Dict[str, str] = {}
+        self.sample_rate = self.backend.sample_rate
         self.n_rows = 0
         self.n_forward = 0
 
@@ -265,8 +267,24 @@ class UniqueEmbedder:
             out[idx] = emb.float().cpu()
         return out
 
+    def compute(self, wav: torch.Tensor, lengths: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The model's outputs ``{"embedding": (N, D)}`` of rows ``(N, T[, F])`` (the backend protocol that
+        :func:`spk_toolkit.backends.batch.compute_batch` calls)."""
+        return {"embedding": self._forward(wav, lengths)}
+
     def flush(self) -> None:
-        """Embed every queued utterance in one forward."""
+        """Embed every queued utterance in one forward, through the engine's batch computation.
+
+        Raises
+        ------
+        spk_toolkit.UtteranceError
+            An utterance with a non-finite embedding (the reason of its ``errors.tsv`` row in an extraction).
+        """
+        from spk_toolkit.backends.base import OutputKind
+        from spk_toolkit.backends.batch import BatchOptions, compute_batch, nonfinite_reason
+        from spk_toolkit.data import Batch
+        from spk_toolkit.errors import UtteranceError
+
         if not self._pending:
             return
         counts = [r.shape[0] for _, r, _ in self._pending]
@@ -278,15 +296,18 @@ class UniqueEmbedder:
             wav[o : o + n, : r.shape[1]] = r
             lengths[o : o + n] = L
             o += n
-        emb = self._forward(wav, lengths).numpy()
-        if not np.isfinite(emb).all():
-            bad = sorted({u for (u, _, _), s, n in zip(self._pending, np.cumsum([0] + counts), counts)
-                          if not np.isfinite(emb[s : s + n]).all()})  # fmt: skip
-            raise FloatingPointError(f"model produced non-finite embeddings for {len(bad)} utterances, e.g. {bad[:5]}")
+        # the rows are already ESPnet's crops (or whole utterances): one forward of every row, cut per row
+        kinds = {"embedding": OutputKind("vector", "float32", (self.backend.embed_dim,))}
+        rows = compute_batch(self, kinds, Batch(wav, lengths, list(range(len(wav))), []),
+                             BatchOptions(batch_bins=max(1, wav.shape[0] * wav.shape[1])))["embedding"]
         o = 0
         for (u, _, _), n in zip(self._pending, counts):
-            e = emb[o : o + n].astype(np.float32)
-            self.embeddings[u] = e.mean(axis=0) if self.average else e
+            e = np.stack(rows[o : o + n])  # (n_crops, D)
+            reason = nonfinite_reason({"embedding": e})
+            if reason:
+                raise UtteranceError(u, self.paths.get(u, "<validation batch>"), reason)
+            # the crop mean as the engine takes it (float64, then float32)
+            self.embeddings[u] = e.astype(np.float64).mean(axis=0).astype(np.float32) if self.average else e
             o += n
         self.n_rows += int(sum(counts))
         self.n_forward += 1
@@ -415,6 +436,20 @@ def _sound_paths(loader) -> Optional[Dict[str, str]]:
     return None
 
 
+def utterance_paths(iterator) -> Dict[str, str]:
+    """``utt_id -> audio path`` of ESPnet's trial DataLoader (its ``trial.scp`` / ``trial2.scp``), to name an
+    utterance's file in an error; ``{}`` for any other iterator (the error then names ``<validation batch>``)."""
+    loaders = getattr(getattr(iterator, "dataset", None), "loader_dict", None)
+    if not isinstance(loaders, dict):
+        return {}
+    out: Dict[str, str] = {}
+    for side, key in enumerate(("speech", "speech2")):
+        for tid, path in ((_sound_paths(loaders[key]) if key in loaders else None) or {}).items():
+            if tid.count("*") == 1:
+                out.setdefault(split_trial_id(tid)[side], path)
+    return out
+
+
 def _sampler_trial_ids(iterator, keys: List[str]) -> List[str]:
     """The trial ids the DataLoader would yield (its ``batch_sampler``), or every key when it has none."""
     bs = getattr(iterator, "batch_sampler", None)
@@ -439,7 +474,7 @@ def espnet_trial_corpus(iterator, sample_rate: Optional[int] = None) -> Optional
     test_wav``) ``sound`` loaders; the trials are those of the DataLoader's ``batch_sampler``. Its ``preprocess``
     gives the crops: None = whole utterances; ESPnet's ``SpkPreprocessor`` in validation mode = ``num_eval``
     crops of ``target_duration`` samples (``espnet2/train/preprocessor.py`` ``SpkPreprocessor._speech_process``,
-    reproduced by :func:`spk_toolkit.engine.run.eval_crops`). A ``task_tokens`` text loader gives the task token.
+    reproduced by :func:`spk_toolkit.backends.batch.eval_crops`). A ``task_tokens`` text loader gives the task token.
 
     Parameters
     ----------
@@ -703,6 +738,7 @@ class SpkTrainer(Trainer):
             assert isinstance(batch, dict), type(batch)
             if emb is None:
                 emb = UniqueEmbedder(net, max(1, len(ids)), average=True, features=features)
+                emb.paths = utterance_paths(iterator)
             # ESPnet's forward batch: as many utterances as the largest batch has trials
             emb.chunk = max(emb.chunk, len(ids))
             if "task_tokens" in batch:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from spk_toolkit.backends.base import EmbeddingModel, OutputKind
+from spk_toolkit.errors import UtteranceError
 from spk_toolkit.io.audio import AudioLoadingError
 from spk_toolkit.io.datadir import Utterance
 from spk_toolkit.testing import speechlike, write_wav
@@ -142,9 +143,10 @@ def test_non_finite_embedding_is_refused():
             out[lengths > SR] = float("nan")
             return out
 
-    with pytest.raises(AudioLoadingError, match="non-finite embedding") as e:
+    with pytest.raises(UtteranceError, match="non-finite embedding") as e:
         NaNForLong().embed_utterances(memory_utts([0.5, 2.0, 0.3]))
-    assert e.value.path == "<memory 1>"
+    assert e.value.path == "<memory 1>" and isinstance(e.value, AudioLoadingError)
+    assert str(e.value) == "utterance 'u1' (<memory 1>): model produced a non-finite embedding"
 
 
 def test_model_without_vector_embedding_output_is_refused():

@@ -567,3 +567,133 @@ def test_spk_embed_extract_torchrun_two_processes(backend, dump, tmp_path):
     for u in utts:
         assert got[u].shape == (NUM_EVAL, backend.embed_dim)
         np.testing.assert_allclose(got[u], ref[u], rtol=0, atol=1e-6, err_msg=u)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one batch path (issue 22, criterion 2): the API, the trainer and spk_inference
+
+
+def _cli_embeddings(backend, dump, tmp_path, name, *flags):
+    """spk_inference (in this process) over the validation utterances with the same random model; its embeddings
+    and its run directory."""
+    from spk_toolkit.bin import spk_inference
+    from spk_toolkit.io.readers import load_embeddings
+
+    ckpt = tmp_path / "model.pth"
+    if not ckpt.exists():
+        torch.save(backend.model.state_dict(), ckpt)
+    out = tmp_path / name
+    rc = spk_inference.main(["--data_dir", str(dump / "valid"), "--output_dir", str(out), "--toolkit", "espnet",
+                             "--train_config", str(CONF), "--model_file", str(ckpt), "--min_duration", "0",
+                             "--progress", "false", *flags])
+    return rc, (load_embeddings(out) if rc == 0 else None), out
+
+
+def _api_utterances(dump):
+    from spk_toolkit.io.datadir import Utterance
+
+    return [Utterance(u, p) for u, p in sorted(wav_paths(dump).items())]
+
+
+def _validation_embeddings(model, batches, monkeypatch) -> dict:
+    """The embeddings SpkTrainer.validate_one_epoch computed (its UniqueEmbedder, recorded)."""
+    from spk_toolkit.train import spk_trainer
+
+    seen = []
+
+    class Recording(spk_trainer.UniqueEmbedder):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    monkeypatch.setattr(spk_trainer, "UniqueEmbedder", Recording)
+    validate(model, batches)
+    (emb,) = seen
+    return emb.embeddings
+
+
+@pytest.mark.slow
+def test_api_trainer_and_spk_inference_give_equal_embeddings_with_crops_and_chunks(backend, dump, whole_batches,
+                                                                                     tmp_path, monkeypatch):
+    """The same utterances, the same random x-vector: ESPnet's evaluation crops (3 x 3 s, wrap-padded when shorter)
+    through the in-memory API, SpkTrainer.extract_embed (ESPnet's validation loader), SpkTrainer's validation and
+    spk_inference --crops; then --max_chunk_duration 1 s through the API, extract_embed (extract_options) and
+    spk_inference. Equal to float32 rounding (the same batch computation, batched differently)."""
+    from spk_toolkit.train.spk_trainer import SpkTrainer
+
+    utts = _api_utterances(dump)
+    loader = valid_loader(backend, dump, target_duration=3.0)
+    api = backend.embed_utterances(utts, min_duration=0.0, crops=NUM_EVAL, crop_duration=3.0)
+    trainer = run_extract(backend.model, loader, tmp_path / "x", bs=5, average=True)
+    valid = _validation_embeddings(backend.model, list(loader), monkeypatch)
+    rc, cli, _ = _cli_embeddings(backend, dump, tmp_path, "cli_crops", "--crops", str(NUM_EVAL),
+                                 "--crop_duration", "3")
+    assert rc == 0
+    assert sorted(trainer) == sorted(valid) == sorted(cli) == [u.utt_id for u in utts]
+    for i, u in enumerate(utts):
+        for name, got in (("extract_embed", trainer), ("validation", valid), ("spk_inference", cli)):
+            np.testing.assert_allclose(got[u.utt_id], api[i], rtol=1e-5, atol=1e-5, err_msg=f"{name} {u.utt_id}")
+
+    # max_chunk_duration: utterances longer than 1 s are length-weighted means of <= 1 s chunks
+    lengths = [sf.info(u.path).frames for u in utts]
+    assert sum(n > 16000 for n in lengths) >= 3
+    api = backend.embed_utterances(utts, min_duration=0.0, max_chunk_duration=1.0)
+    whole = backend.embed_utterances(utts, min_duration=0.0)
+    monkeypatch.setattr(SpkTrainer, "extract_options", {"max_chunk_duration": 1.0})
+    trainer = run_extract(backend.model, whole_batches, tmp_path / "xc", bs=4)  # whole utterances, in memory
+    rc, cli, _ = _cli_embeddings(backend, dump, tmp_path, "cli_chunks", "--max_chunk_duration", "1")
+    assert rc == 0
+    for i, u in enumerate(utts):
+        np.testing.assert_allclose(trainer[u.utt_id], api[i], rtol=1e-5, atol=1e-5, err_msg=u.utt_id)
+        np.testing.assert_allclose(cli[u.utt_id], api[i], rtol=1e-5, atol=1e-5, err_msg=u.utt_id)
+        if lengths[i] > 16000:  # chunking changed these (a random model is not chunk-invariant)
+            assert not np.allclose(api[i], whole[i], rtol=1e-4, atol=1e-4), u.utt_id
+        else:
+            np.testing.assert_array_equal(api[i], whole[i])
+
+
+@pytest.mark.slow
+def test_one_non_finite_policy_api_trainer_and_spk_inference(backend, dump, whole_batches, tmp_path, monkeypatch,
+                                                             capsys):
+    """A backend that returns NaN for one utterance (the one of a length no other has) gives the same reason
+    everywhere: an errors.tsv row from spk_inference --on_error skip, and an UtteranceError naming that utterance
+    with that reason from the API, spk_inference --on_error raise, extract_embed and the trainer's validation."""
+    from spk_toolkit.backends.espnet import EspnetSpeakerModel
+    from spk_toolkit.errors import UtteranceError
+    from spk_toolkit.io.rundir import RunDir
+    from spk_toolkit.train.spk_trainer import SpkTrainer
+
+    utts = _api_utterances(dump)
+    lengths = {u.utt_id: sf.info(u.path).frames for u in utts}
+    bad = next(u for u in utts if list(lengths.values()).count(lengths[u.utt_id]) == 1)
+    reason = "model produced a non-finite embedding"
+    embed = EspnetSpeakerModel.embed
+
+    def nan_for_bad(self, wav, lengths_):
+        out = embed(self, wav, lengths_).clone()
+        out[lengths_.to(out.device) == lengths[bad.utt_id]] = float("nan")
+        return out
+
+    monkeypatch.setattr(EspnetSpeakerModel, "embed", nan_for_bad)
+    expected = f"utterance {bad.utt_id!r} ({bad.path}): {reason}"
+
+    with pytest.raises(UtteranceError) as e:
+        backend.embed_utterances(utts, min_duration=0.0)
+    assert str(e.value) == expected
+
+    rc, emb, out = _cli_embeddings(backend, dump, tmp_path, "skip", "--on_error", "skip")
+    assert rc == 0 and sorted(emb) == sorted(u.utt_id for u in utts if u is not bad)
+    assert RunDir(out).read_errors() == [(bad.utt_id, bad.path, reason)]
+    from spk_toolkit.bin.cli import EXIT_FAILED
+
+    capsys.readouterr()
+    rc, _, _ = _cli_embeddings(backend, dump, tmp_path, "raise", "--on_error", "raise")
+    assert rc == EXIT_FAILED and expected in capsys.readouterr().err
+
+    monkeypatch.setattr(SpkTrainer, "extract_options", {})
+    with pytest.raises(UtteranceError) as e:
+        run_extract(backend.model, whole_batches, tmp_path / "x", bs=4)
+    assert (e.value.utt_id, e.value.reason) == (bad.utt_id, reason)
+    with pytest.raises(UtteranceError) as e:
+        validate(backend.model, whole_batches)
+    assert (e.value.utt_id, e.value.reason) == (bad.utt_id, reason)
