@@ -26,7 +26,7 @@ FORBIDDEN = ("spk_toolkit.tasks", "spk_toolkit.train")
 #: lazy facade of the Python API) is above everything; a bare ``import spk_toolkit`` (for ``__version__``) is
 #: neutral, ``from spk_toolkit import <name>`` counts as the module that defines ``<name>``.
 LAYERS = (
-    ("io", "metrics", "plot", "errors"),                # files, formats, pure metrics, plotting, the exceptions
+    ("io", "metrics", "plot", "errors", "plugins"),     # files, formats, metrics, plots, exceptions, plug-in discovery
     ("data", "scoring", "testing", "recipes", "pipeline3d"),  # decoding + batches; trials x embeddings -> scores
     ("backends", "features"),                           # models and feature extractors: one protocol, one registry
     ("engine",),                                        # plan, run, shards, merge, the driver, in-process executor

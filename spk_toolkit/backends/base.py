@@ -438,19 +438,16 @@ def register_backend(cls: Type[EmbeddingModel]) -> Type[EmbeddingModel]:
     return cls
 
 
-BUILTIN_MODULES = ("resemblyzer", "espnet", "speechbrain", "rawnet")
-#: Feature extractors (spk_toolkit/features/) share this registry, so every executor builds them by name.
-FEATURE_MODULES = ("spk_toolkit.features.kaldi", "spk_toolkit.features.hidden", "spk_toolkit.features.tokens")
-
-
 def _import_all() -> None:
-    # Importing the modules registers the classes; the modules import their toolkits lazily.
-    import importlib
+    """Fill the registry: import every module of ``spk_toolkit/backends/`` and the extractor modules of
+    ``spk_toolkit/features/`` (each class registers itself with :func:`register_backend`; a module imports its
+    toolkit lazily), then the plug-ins declared as entry points of ``spk_toolkit.backends`` /
+    ``spk_toolkit.features`` (:mod:`spk_toolkit.plugins`). A new backend is one file; nothing lists it."""
+    from spk_toolkit.plugins import GROUPS, import_all
 
-    for name in BUILTIN_MODULES:
-        importlib.import_module(f"spk_toolkit.backends.{name}")
-    for name in FEATURE_MODULES:
-        importlib.import_module(name)
+    import_all("spk_toolkit.backends", exclude=("base", "batch"), group=GROUPS["backends"])
+    # the feature cache runs the engine (a layer above) and registers nothing
+    import_all("spk_toolkit.features", exclude=("base", "cache"), group=GROUPS["features"])
 
 
 def available_backends() -> list[str]:

@@ -29,6 +29,7 @@ from spk_toolkit.bin.cli import (  # noqa: E402
     extraction_options,
     open_run_log,
     parse_args,
+    registry_help,
     resolve_config,
     run_cli,
     setup_logging,
@@ -58,14 +59,19 @@ def yaml_mapping(value) -> dict:
     return obj
 
 
+def _extractor_names() -> list:
+    from spk_toolkit.features import available_extractors
+
+    return available_extractors()
+
+
 def get_parser() -> argparse.ArgumentParser:
     """The argparse parser (run options shared with ``spk_inference``; the extractor name is checked against the
-    registry when the run starts, so ``--help`` does not import torch)."""
+    registry when the run starts; ``--help`` lists the registered extractors, plug-ins included)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="Kaldi data dir, ESPnet3 manifest .tsv, or audio tree root")
     p.add_argument("--output_dir", required=True, help="the cache directory")
-    p.add_argument("--extractor", default="fbank",
-                   help="feature extractor: fbank, mfcc, hidden_states, kmeans_tokens (or another registered one)")
+    registry_help(p.add_argument("--extractor", default="fbank", help="feature extractor"), _extractor_names)
     p.add_argument("--extractor_conf", type=yaml_mapping, default={},
                    help="extractor options as a YAML mapping, e.g. '{num_mel_bins: 80, frame_shift: 10}'")
     p.add_argument("--name", default=None, help="output name (file stem; default: the extractor's, e.g. fbank)")

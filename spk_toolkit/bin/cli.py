@@ -75,10 +75,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
+        names = getattr(action, "registry_names", None)
+        if names is not None:  # read from the registry only when help is printed (it imports the modules)
+            text = f"{text} (registered: {', '.join(names())})".replace("%", "%%").replace("%%(", "%(")
         if ("%(default)" in text or action.default in (None, argparse.SUPPRESS) or action.required
                 or not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
             return text
         return (text + " " if text else "") + "(default: %(default)s)"
+
+
+def registry_help(action: argparse.Action, names: Callable[[], Sequence[str]]) -> argparse.Action:
+    """Make ``--help`` list ``names()`` after ``action``'s help text: the names of a registry (built-ins and
+    plug-ins), read only when help is printed (:class:`HelpFormatter`), since filling a registry imports its
+    modules. Returns ``action``."""
+    action.registry_names = names
+    return action
 
 
 def add_verbosity(p: argparse.ArgumentParser) -> None:
@@ -301,15 +312,15 @@ def add_extraction_options(p: argparse.ArgumentParser, output_format: str = "npz
         Default of ``--output_format`` (``npz`` for embeddings, ``hdf5`` for feature caches).
     """
     from spk_toolkit.engine import ExtractOptions
-    from spk_toolkit.io.writers import WRITERS
+    from spk_toolkit.io.storage import storage_names
     from spk_toolkit.parallel import executor_names
 
     d = ExtractOptions()
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (torchrun ranks use their local rank)")
     p.add_argument("--batch_bins", type=option_type("batch_bins", int), default=d.batch_bins, help="padded samples per batch (B*T)")
     p.add_argument("--num_workers", type=option_type("num_workers", int), default=d.num_workers, help="decoding DataLoader workers")
-    p.add_argument("--output_format", default=output_format, type=option_type("output_format", str),
-                   help=f"comma list of {sorted(WRITERS)} (aliases: ark, h5, npy)")
+    registry_help(p.add_argument("--output_format", default=output_format, type=option_type("output_format", str),
+                                 help="comma list of storage formats (aliases: ark, h5, npy)"), storage_names)
     p.add_argument("--on_error", choices=["skip", "raise"], default=d.on_error)
     p.add_argument("--max_errors", type=option_type("max_errors", int), default=d.max_errors, help="-1 = no limit")
     p.add_argument("--min_duration", type=option_type("min_duration"), default=d.min_duration, help="seconds")

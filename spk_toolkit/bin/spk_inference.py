@@ -29,11 +29,18 @@ from spk_toolkit.bin.cli import (  # noqa: F401  (choose_executor: re-exported u
     open_run_log,
     option_type,
     parse_args,
+    registry_help,
     resolve_config,
     run_cli,
     setup_logging,
     str2bool,
 )
+
+
+def _backend_names() -> list:
+    from spk_toolkit.backends.base import available_backends
+
+    return available_backends()
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -44,7 +51,9 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="Kaldi data dir, ESPnet3 manifest .tsv, or audio tree root")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--toolkit", default="resemblyzer", help="backend: resemblyzer (offline default) or espnet")
+    registry_help(p.add_argument("--toolkit", default="resemblyzer",
+                                 help="backend: resemblyzer (offline default), espnet, or another registered one"),
+                  _backend_names)
     p.add_argument("--model", default=None,
                    help="the model by name, for any backend (instead of --toolkit and its files): a registry name "
                         "(resemblyzer, espnet, ...), espnet:<model_tag>, a packed ESPnet model (.zip / .tar.gz in "

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 EXECUTORS: Dict[str, Type["Executor"]] = {}
 #: name -> module whose import registers it (:func:`register_lazy_executor`, entry points)
 LAZY_EXECUTORS: Dict[str, str] = {}
-#: the entry-point group where packages declare executors: ``<name> = <module>``
+#: the entry-point group where packages declare executors: ``<name> = <module>`` (:mod:`spk_toolkit.plugins`)
 ENTRY_POINT_GROUP = "spk_toolkit.executors"
 #: the executor a parallel config alone selects (``--parallel`` implies it)
 PARALLEL_CONFIG_EXECUTOR = "dask"
@@ -147,10 +147,10 @@ def register_lazy_executor(name: str, module: str) -> None:
 
 
 def _discover_entry_points() -> None:
-    from importlib.metadata import entry_points
+    from spk_toolkit.plugins import entry_points_of
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        LAZY_EXECUTORS.setdefault(ep.name, ep.module)
+    for name, value in entry_points_of(ENTRY_POINT_GROUP).items():
+        LAZY_EXECUTORS.setdefault(name, value.split(":")[0])
 
 
 def executor_names() -> list:
@@ -220,4 +220,5 @@ class InProcessExecutor(Executor):
         yield from run_shards(plan, shard_ids, self.model, output_dir, opts, on_progress=on_progress)
 
     def info(self) -> dict:
-        return {"executor": "in-process", "world_size": 1}
+        # a subclass (a plug-in) reports its own name
+        return {"executor": "in-process" if type(self) is InProcessExecutor else self.name, "world_size": 1}

@@ -22,7 +22,7 @@ from spk_toolkit.io.datadir import spk2utt_from
 from spk_toolkit.io.preflight import naming
 from spk_toolkit.io.rundir import (  # noqa: F401  (errors_tsv, read_errors_tsv: re-exported)
     EMBEDDING, EMBEDDING_STEM, SPEAKER_MEANS, RunDir, errors_tsv, output_stem, read_errors_tsv)
-from spk_toolkit.io.storage import WRITERS, get_writer
+from spk_toolkit.io.storage import WRITERS, get_writer, load_plugins
 from spk_toolkit.scoring import average_embeddings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ def remove_run(out: Path) -> List[str]:
 
     :meth:`spk_toolkit.io.rundir.RunDir.remove` with every registered storage format's writer.
     """
+    load_plugins()  # a plug-in format's files are removed through its own writer too
     return RunDir(out).remove(WRITERS.values())
 
 

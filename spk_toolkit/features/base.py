@@ -24,6 +24,8 @@ import abc
 import hashlib
 import inspect
 import os
+import sys
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -204,9 +206,16 @@ class FeatureExtractor(EmbeddingModel):
     def code_parts(self) -> List[object]:
         """What the values depend on besides :meth:`config` (classes, functions, files), for ``code_sha256``.
 
-        Default: every class of this object's MRO defined in ``spk_toolkit.features``.
+        Default: the source file of every module that defines a :class:`FeatureExtractor` class of this object's
+        MRO (built-in or a plug-in's own module: editing it marks its caches stale); a class whose module has no
+        file contributes its source.
         """
-        return [c for c in type(self).__mro__ if c.__module__.startswith("spk_toolkit.features")]
+        parts: Dict[object, None] = {}
+        for c in type(self).__mro__:
+            if issubclass(c, FeatureExtractor):
+                f = getattr(sys.modules.get(c.__module__), "__file__", None)
+                parts[Path(f) if f else c] = None
+        return list(parts)
 
     def extra_description(self) -> dict:
         """Further fields of :meth:`describe` (weights hashes, library versions); default none."""

@@ -191,7 +191,9 @@ def open_cache(path, output: Optional[str] = None, fmt: Optional[str] = None, ex
     """
     from spk_toolkit.engine.plan import describe_changes
     from spk_toolkit.io.rundir import RunDir
-    from spk_toolkit.io.storage import READERS, get_reader
+    from spk_toolkit.io.storage import READERS, get_reader, load_plugins
+
+    load_plugins()
 
     d = Path(path)
     if not d.is_dir():

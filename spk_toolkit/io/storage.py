@@ -67,7 +67,7 @@ __all__ = [
     "FORMAT_ALIASES", "READERS", "WRITERS", "Hdf5Reader", "Hdf5Writer", "KaldiArkReader", "KaldiArkWriter",
     "NpyDirReader", "NpyDirWriter", "NpzReader", "NpzWriter", "Reader", "Writer", "check_key", "get_reader",
     "get_writer", "hdf5_dataset_name", "npy_file_name", "npz_member_name", "open_reader", "parse_formats",
-    "register_storage", "storage_names",
+    "register_storage", "storage_names", "load_plugins",
 ]
 
 #: name -> Writer class, in registration order (the same dict object as ``spk_toolkit.io.writers.WRITERS``).
@@ -196,11 +196,22 @@ def register_storage(name: str, writer_cls: Type["Writer"], reader_cls: Optional
         READERS[name] = reader_cls
 
 
+def load_plugins() -> None:
+    """Import the storage formats declared as entry points of ``spk_toolkit.storage`` (:mod:`spk_toolkit.plugins`;
+    once per process). Every lookup by name that misses, :func:`storage_names` and :func:`open_reader` call it."""
+    from spk_toolkit.plugins import GROUPS, load_entry_points
+
+    load_entry_points(GROUPS["storage"])
+
+
 def _resolve(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"storage name must be str, got {name!r}")
     name = name.strip()
-    return FORMAT_ALIASES.get(name, name)
+    name = FORMAT_ALIASES.get(name, name)
+    if name not in WRITERS:
+        load_plugins()
+    return name
 
 
 def get_writer(name: str) -> Type["Writer"]:
@@ -232,7 +243,8 @@ def get_reader(name: str) -> Type["Reader"]:
 
 
 def storage_names() -> List[str]:
-    """Registered format names, sorted (for ``--output_format`` choices and help)."""
+    """Registered format names, built-in and plug-in, sorted (for ``--output_format`` choices and help)."""
+    load_plugins()
     return sorted(WRITERS)
 
 
@@ -1313,6 +1325,7 @@ def _open_reader(path: str | os.PathLike, name: Optional[str] = None) -> Reader:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"embeddings not found: {p}")
+    load_plugins()
     if name is not None:
         cls = get_reader(name)
         if p.is_dir() and not cls.accepts(p):
