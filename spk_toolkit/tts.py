@@ -40,6 +40,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from spk_toolkit.engine.export import Export
 from spk_toolkit.engine.options import ExtractionError
 from spk_toolkit.io.datadir import CorpusError, Utterance, load_kaldi_dir, load_manifest_tsv, read_spk2utt
 
@@ -273,28 +274,6 @@ def _is_driver(executor: Optional[str], parallel) -> bool:
     return launch is None or launch["rank"] == 0
 
 
-def clear_stale_outputs(out_folder: str | os.PathLike, spk_embed_tag: str) -> List[str]:
-    """Remove a previous export before a new run, unless another run holds ``out_folder`` (it will rewrite them).
-
-    So a run that fails (an utterance that no longer decodes, a changed model refused) never leaves the
-    previous ``<tag>.scp`` looking like its result: ``tts.sh``'s ``[ -s <tag>.scp ]`` check then fails too.
-
-    Returns
-    -------
-    list of str
-        The files removed.
-    """
-    from spk_toolkit.io.lock import OutputDirLocked, output_dir_lock
-
-    if not any(p.exists() for p in tts_output_paths(out_folder, spk_embed_tag)):
-        return []
-    try:
-        with output_dir_lock(out_folder, 0):
-            return remove_tts_outputs(out_folder, spk_embed_tag)
-    except OutputDirLocked:
-        return []
-
-
 def check_tag(tag: str) -> str:
     """Validate ``--spk_embed_tag`` (a plain file name stem); returns it.
 
@@ -394,6 +373,46 @@ def export_tts(run_dir: str | os.PathLike, spk_embed_tag: str, keys: Sequence[st
     return paths
 
 
+class TTSExport(Export):
+    """ESPnet's four TTS files (:func:`export_tts`) and, optionally, ESPnet3's ``.pt`` layout
+    (:func:`write_pt_layout`), written by the engine's driver under the run's lock and named in ``summary.json``
+    (``tts_utt_scp``, ``tts_utt_ark``, ``tts_spk_scp``, ``tts_spk_ark``).
+
+    Parameters
+    ----------
+    spk_embed_tag : str
+    corpus : TTSCorpus
+        ``keys`` (the ``<tag>.scp`` order) and ``spk2utt`` (the ``spk_<tag>.scp`` order).
+    spk_mean, scp_paths, out_folder_as_given
+        As :func:`export_tts`.
+    pt_dir : path, optional
+        Also write ``{utt_id}.pt`` files there (ESPnet3's layout; the directory is recorded, not each file).
+
+    Attributes
+    ----------
+    result : dict
+        After :meth:`write`: :func:`export_tts`'s paths, plus ``pt_dir`` / ``pt_files`` with a ``.pt`` layout.
+    """
+
+    def __init__(self, spk_embed_tag: str, corpus: TTSCorpus, spk_mean: str = "raw", scp_paths: str = "espnet",
+                 out_folder_as_given: Optional[str] = None, pt_dir: Optional[str | os.PathLike] = None):
+        self.tag, self.corpus, self.spk_mean, self.scp_paths = check_tag(spk_embed_tag), corpus, spk_mean, scp_paths
+        self.given, self.pt_dir = out_folder_as_given, pt_dir
+        self.result: Dict[str, object] = {}
+
+    def paths(self, output_dir: Path) -> List[Path]:
+        return tts_output_paths(output_dir, self.tag)
+
+    def write(self, output_dir: Path, summary: dict) -> Dict[str, str]:
+        paths = export_tts(output_dir, self.tag, self.corpus.keys, self.corpus.spk2utt, spk_mean=self.spk_mean,
+                           scp_paths=self.scp_paths, out_folder_as_given=self.given)
+        self.result = dict(paths)
+        if self.pt_dir is not None:
+            self.result["pt_dir"] = str(self.pt_dir)
+            self.result["pt_files"] = write_pt_layout(output_dir, self.pt_dir, self.corpus.keys)
+        return {f"tts_{k}": v for k, v in paths.items()}
+
+
 def extract_tts_embeddings(in_folder: str | os.PathLike, out_folder: str | os.PathLike, spk_embed_tag: str = "spk_embed",
                            toolkit: str = "espnet", model=None, model_kwargs: Optional[dict] = None,
                            executor: Optional[str] = None, parallel=None, spk_mean: str = "raw",
@@ -448,16 +467,13 @@ def extract_tts_embeddings(in_folder: str | os.PathLike, out_folder: str | os.Pa
     corpus = load_tts_corpus(in_folder)
     for k, v in default_options_of(toolkit, model).items():
         options.setdefault(k, v)
-    if _is_driver(executor, parallel):
-        clear_stale_outputs(out_folder, spk_embed_tag)
+    export = TTSExport(spk_embed_tag, corpus, spk_mean, scp_paths, out_folder_as_given=os.fspath(out_folder))
     summary = extract(corpus.utts, out_folder, toolkit=toolkit, model=model, model_kwargs=model_kwargs,
-                      executor=executor, parallel=parallel, **options)
+                      executor=executor, parallel=parallel, exports=[export], **options)
     if summary is None:
         return None
-    paths = export_tts(out_folder, spk_embed_tag, corpus.keys, corpus.spk2utt, spk_mean=spk_mean,
-                       scp_paths=scp_paths, out_folder_as_given=os.fspath(out_folder))
-    summary["tts"] = {**paths, "spk_embed_tag": spk_embed_tag, "order": corpus.order_from, "spk_mean": spk_mean,
-                      "speakers": len(corpus.spk2utt)}
+    summary["tts"] = {**export.result, "spk_embed_tag": spk_embed_tag, "order": corpus.order_from,
+                      "spk_mean": spk_mean, "speakers": len(corpus.spk2utt)}
     return summary
 
 
@@ -700,21 +716,19 @@ def extract_espnet3_xvectors(config: str | os.PathLike | XVectorConfig, model=No
     for split in todo:
         corpus = load_manifest_corpus(xc.manifest_paths[split])
         run_dir = xc.run_dir(split, output_root)
-        if _is_driver(executor, parallel):
-            clear_stale_outputs(run_dir, xc.spk_embed_tag)
+        export = TTSExport(xc.spk_embed_tag, corpus, spk_mean, scp_paths,
+                           pt_dir=xc.split_dir(split) if pt_layout else None)
         logger.info("xvector split %s: %d utterances from %s -> %s", split, len(corpus.utts),
                     xc.manifest_paths[split], run_dir)
         summary = extract(corpus.utts, run_dir, toolkit=xc.toolkit, model=model, model_kwargs=model_kwargs,
-                          executor=executor, parallel=parallel, **options)
+                          executor=executor, parallel=parallel, exports=[export], **options)
         if summary is None:
             continue
-        paths = export_tts(run_dir, xc.spk_embed_tag, corpus.keys, corpus.spk2utt, spk_mean=spk_mean,
-                           scp_paths=scp_paths)
-        summary["tts"] = {**paths, "spk_embed_tag": xc.spk_embed_tag, "order": corpus.order_from,
-                          "spk_mean": spk_mean, "speakers": len(corpus.spk2utt)}
+        result = dict(export.result)
         if pt_layout:
-            summary["pt_dir"] = str(xc.split_dir(split))
-            summary["pt_files"] = write_pt_layout(run_dir, xc.split_dir(split), corpus.keys)
+            summary["pt_dir"], summary["pt_files"] = result.pop("pt_dir"), result.pop("pt_files")
+        summary["tts"] = {**result, "spk_embed_tag": xc.spk_embed_tag, "order": corpus.order_from,
+                          "spk_mean": spk_mean, "speakers": len(corpus.spk2utt)}
         results[split] = summary
     return results if _is_driver(executor, parallel) else None
 

@@ -1,4 +1,4 @@
-"""Fast unit tests of spk_toolkit.tts and the TTS CLIs' helpers (no model, no audio); issue 15."""
+"""Unit tests of spk_toolkit.tts and the TTS CLIs' helpers (issue 15), and its exports as outputs of the engine run."""
 from __future__ import annotations
 
 import os
@@ -164,3 +164,70 @@ def test_scp_entries_one_reader_bom_crlf_and_duplicates(tmp_path):
     p.write_text("a /d/x.ark:12\na /d/x.ark:40\n")
     with pytest.raises(CorpusError, match=r"x.scp:2: key 'a' appears twice"):
         read_scp_entries(p)
+
+
+# -------------------------------------------------------------------------- the exports are the run's outputs
+def _tts_run_dir(tmp_path):
+    """A TTS data dir of 6 synthetic utterances (3 speakers) and a stand-in backend (mean, std, seconds)."""
+    import torch
+
+    from spk_toolkit.backends.base import EmbeddingModel
+    from spk_toolkit.io.datadir import Utterance
+    from spk_toolkit.testing import speechlike, write_wav
+    from tts_helpers import write_tts_dir
+
+    class Stats(EmbeddingModel):
+        name = "test-tts-stats"
+        sample_rate = 16000
+        embed_dim = 3
+
+        def embed(self, wav, lengths):
+            out = torch.zeros(len(wav), 3, dtype=torch.float64)
+            for i in range(len(wav)):
+                x = wav[i, : int(lengths[i])].double()
+                out[i] = torch.stack([x.mean(), x.std(), torch.tensor(len(x) / 16000.0, dtype=torch.float64)])
+            return out.float()
+
+    (tmp_path / "wav").mkdir(exist_ok=True)
+    utts = [Utterance(f"u{k}", str(write_wav(tmp_path / "wav" / f"u{k}.wav", speechlike(0.4 + 0.1 * k, seed=k))),
+                      spk_id=f"s{k % 3}") for k in range(6)]
+    order = write_tts_dir(utts, tmp_path / "data")
+    return tmp_path / "data", Stats(), order
+
+
+def test_tts_exports_are_named_in_the_summary_written_under_the_one_lock(tmp_path, monkeypatch):
+    """extract_tts_embeddings: the engine's driver takes the output directory's lock once and writes the four
+    ESPnet files under it; summary.json names them (readable through open_reader), a rerun resumes and rewrites
+    them identically, and --overwrite with another tag removes the previous tag's files."""
+    import json
+
+    import spk_toolkit.engine.driver as driver
+    import spk_toolkit.io.lock as lock_module
+    from spk_toolkit.io.storage import open_reader
+    from spk_toolkit.tts import extract_tts_embeddings
+
+    data, model, order = _tts_run_dir(tmp_path)
+    locks = []
+    real_lock = lock_module.output_dir_lock
+    counting = lambda *a, **k: locks.append(a[0]) or real_lock(*a, **k)  # noqa: E731
+    for module in (driver, lock_module):  # whoever takes the lock, the driver or a tool
+        monkeypatch.setattr(module, "output_dir_lock", counting)
+    out = tmp_path / "xv"
+    s = extract_tts_embeddings(data, out, "xv", toolkit=model.name, model=model, progress=False)
+    assert len(locks) == 1
+    outputs = json.loads((out / "summary.json").read_text())["outputs"]
+    assert {k: os.path.basename(v) for k, v in outputs.items() if k.startswith("tts_")} == {
+        "tts_utt_scp": "xv.scp", "tts_utt_ark": "xv.ark", "tts_spk_scp": "spk_xv.scp", "tts_spk_ark": "spk_xv.ark"}
+    assert s["tts"]["utt_scp"] == outputs["tts_utt_scp"]
+    with open_reader(out / "embeddings.npz") as emb, open_reader(outputs["tts_utt_scp"]) as scp:
+        assert list(scp) == order["text"]
+        for k in scp:
+            np.testing.assert_array_equal(scp[k], emb[k])
+    with open_reader(outputs["tts_spk_scp"]) as spk:
+        assert list(spk) == order["spk2utt"]
+    before = (out / "xv.ark").read_bytes()
+    s2 = extract_tts_embeddings(data, out, "xv", toolkit=model.name, model=model, progress=False)
+    assert len(locks) == 2 and s2["shards_resumed"] == s2["shards"] and (out / "xv.ark").read_bytes() == before
+    extract_tts_embeddings(data, out, "other", toolkit=model.name, model=model, progress=False, overwrite=True)
+    assert not any((out / n).exists() for n in ("xv.scp", "xv.ark", "spk_xv.scp", "spk_xv.ark"))
+    assert (out / "other.scp").is_file() and (out / "spk_other.scp").is_file()

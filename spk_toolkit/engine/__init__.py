@@ -20,6 +20,7 @@ import importlib
 # does not import torch
 _EXPORTS = {
     "extract": "driver", "verify_finished": "driver",
+    "Export": "export",
     "Executor": "executor", "make_executor": "executor", "register_executor": "executor",
     "format_summary": "merge", "merge": "merge", "remove_run": "merge",
     "ErrorPolicy": "options", "ExtractionError": "options", "ExtractOptions": "options",

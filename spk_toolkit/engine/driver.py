@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from spk_toolkit.engine.executor import make_executor
+from spk_toolkit.engine.export import clear_exports, write_exports
 from spk_toolkit.engine.faults import fault_point
 from spk_toolkit.engine.merge import merge, remove_run
 from spk_toolkit.engine.options import ErrorPolicy, ExtractionError, ExtractOptions
@@ -128,6 +129,7 @@ def extract(
     model_kwargs: Optional[dict] = None,
     executor: Optional[str] = None,
     parallel=None,
+    exports: Sequence = (),
     **options,
 ) -> Optional[dict]:
     """Compute every output of a model for every utterance of a corpus (resumable, any executor).
@@ -151,6 +153,9 @@ def extract(
         environment here: the CLIs detect a torchrun launch and pass ``executor="torchrun"``.
     parallel : path or dict, optional
         Dask parallel config (implies ``executor="dask"``).
+    exports : sequence of Export
+        Files derived from the outputs (:mod:`spk_toolkit.engine.export`): removed once the lock is taken,
+        written after the merge under the same lock and named in ``summary.json``'s ``outputs``.
     **options
         Fields of :class:`ExtractOptions`.
 
@@ -195,8 +200,10 @@ def extract(
         raise ExtractionError(str(e)) from None
     try:
         fault_point("startup")
+        clear_exports(out, exports)
         with ex:
-            return _drive(ex, utts, out, opts, t0)
+            summary = _drive(ex, utts, out, opts, t0)
+        return write_exports(out, summary, exports)  # still under the one lock
     finally:
         lock.__exit__(None, None, None)
 
