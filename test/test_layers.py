@@ -270,3 +270,54 @@ def test_the_layer_map_is_the_documented_one():
     rows = [ln for ln in section.splitlines() if ln.startswith("| ") and ln[2:3].isdigit()]
     documented = [tuple(m.strip("` ") for m in row.split("|")[2].split(",")) for row in rows]
     assert documented == [tuple(e) for e in LAYERS]
+
+
+# ------------------------------------------------------------------------------------- files that hold one concept
+#: Where no function may exceed :data:`MAX_FUNCTION_LINES` lines of code (issue 22): the engine, the storage
+#: formats, the TTS drop-in and the trainer.
+SHORT_FUNCTIONS = ("engine", "io/storage", "tts", "train")
+MAX_FUNCTION_LINES = 60
+
+
+def code_lines(source: str, node: ast.AST) -> int:
+    """Lines of ``node`` (a function) that hold code: not blank, not a comment, not its docstring."""
+    body = getattr(node, "body", [])
+    doc = range(0)
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        doc = range(body[0].lineno, body[0].end_lineno + 1)
+    lines = source.splitlines()
+    return sum(1 for n in range(node.lineno, node.end_lineno + 1)
+               if n not in doc and lines[n - 1].strip() and not lines[n - 1].strip().startswith("#"))
+
+
+def long_functions(root: Path = ROOT, limit: int = MAX_FUNCTION_LINES) -> list:
+    """``file:line: name (n lines)`` of every function over ``limit`` code lines under :data:`SHORT_FUNCTIONS`."""
+    pkg = root / "spk_toolkit"
+    files = []
+    for entry in SHORT_FUNCTIONS:
+        files += sorted((pkg / entry).rglob("*.py")) if (pkg / entry).is_dir() else []
+        files += [p for p in [pkg / f"{entry}.py"] if p.is_file()]
+    out = []
+    for path in files:
+        src = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = code_lines(src, node)
+                if n > limit:
+                    out.append(f"{path.relative_to(root)}:{node.lineno}: {node.name} ({n} lines)")
+    return out
+
+
+def test_no_function_over_sixty_lines_in_the_engine_storage_tts_and_trainer():
+    assert not long_functions(), f"functions over {MAX_FUNCTION_LINES} code lines (split them):\n" + \
+        "\n".join(long_functions())
+
+
+def test_the_length_rule_counts_code_not_docstrings_or_comments(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(61))
+    (tmp_path / "spk_toolkit" / "engine").mkdir(parents=True)
+    (tmp_path / "spk_toolkit" / "engine" / "probe.py").write_text(
+        f'def long():\n    """Doc.\n\n    More doc.\n    """\n    # a comment\n\n{body}\n\n'
+        f'def short():\n    """{"x" * 10}"""\n' + "\n".join(f"    # c{i}" for i in range(100)) + "\n    return 1\n")
+    assert long_functions(tmp_path) == ["spk_toolkit/engine/probe.py:1: long (62 lines)"]

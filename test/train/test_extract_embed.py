@@ -316,7 +316,7 @@ def test_corpus_agreement_across_ranks(monkeypatch):
     """corpus_on_every_rank with a simulated second rank: union of sharded ESPnet corpora, conflicts, the other
     rank's error and this rank's own error (raised after the exchange, so no rank waits for a failed one)."""
     from spk_toolkit.io.datadir import Utterance
-    from spk_toolkit.train import spk_trainer as st
+    from spk_toolkit.train import trial_corpus as st
 
     def corpus(*items, source="espnet_dataset"):
         return st.TrialCorpus([Utterance(u, p) for u, p in items], NUM_EVAL, 1.0, None, source)
@@ -597,16 +597,16 @@ def _api_utterances(dump):
 
 def _validation_embeddings(model, batches, monkeypatch) -> dict:
     """The embeddings SpkTrainer.validate_one_epoch computed (its UniqueEmbedder, recorded)."""
-    from spk_toolkit.train import spk_trainer
+    from spk_toolkit.train import validation
 
     seen = []
 
-    class Recording(spk_trainer.UniqueEmbedder):
+    class Recording(validation.UniqueEmbedder):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             seen.append(self)
 
-    monkeypatch.setattr(spk_trainer, "UniqueEmbedder", Recording)
+    monkeypatch.setattr(validation, "UniqueEmbedder", Recording)
     validate(model, batches)
     (emb,) = seen
     return emb.embeddings
