@@ -266,11 +266,14 @@ def _model_line(summary: dict) -> str:
 
 
 def format_summary(summary: dict) -> str:
-    """A one-screen human summary (humanfriendly sizes and durations)."""
+    """A one-screen human summary (humanfriendly sizes and durations), in the words of what the run made: a speaker
+    model's utterances are "embedded", a feature extractor's (no ``embedding`` output) have features "computed"."""
     import humanfriendly as hf
 
+    features = EMBEDDING not in (summary.get("kinds") or {})
+    done, verb = ("with features computed", "computed") if features else ("embedded", "embedded")
     lines = [
-        f"utterances : {summary['utterances']} ({summary['embedded']} embedded, {summary['errors']} errors"
+        f"utterances : {summary['utterances']} ({summary['embedded']} {done}, {summary['errors']} errors"
         + (f", see {summary['outputs']['errors']})" if summary["errors"] else ")"),
         f"speakers   : {summary['speakers']}",
         f"audio      : {hf.format_timespan(summary['audio_hours'] * 3600)}",
@@ -280,13 +283,13 @@ def format_summary(summary: dict) -> str:
     computed = summary.get("computed_utterances")
     resumed = summary.get("shards_resumed", 0)
     if computed is not None:
-        lines.append(f"this run   : {computed} embedded ({hf.format_timespan(summary.get('computed_audio_seconds', 0))}"
+        lines.append(f"this run   : {computed} {verb} ({hf.format_timespan(summary.get('computed_audio_seconds', 0))}"
                      f" of audio) in {summary.get('shards_run', 0)} shard(s)"
                      + (f"; {resumed} shard(s) resumed from a previous run" if resumed else ""))
     if summary.get("wall_seconds"):
         speed = (f"{summary.get('throughput_x_realtime', 0):.1f}x real time, "
                  f"{summary.get('utterances_per_second', 0):.1f} utt/s" if computed is None or computed > 0
-                 else "nothing left to embed")
+                 else f"nothing left to {'compute' if features else 'embed'}")
         lines.append(f"wall time  : {hf.format_timespan(summary['wall_seconds'])} ({speed})")
     ex = summary.get("executor")
     if ex:
@@ -295,7 +298,7 @@ def format_summary(summary: dict) -> str:
                  + (f", {summary['shards_recomputed']} recomputed" if summary.get("shards_recomputed") else "")
                  + ")")
     if summary.get("segments_clipped"):
-        lines.append(f"clipped    : {summary['segments_clipped']} segment(s) ran past the end of their file; embedded "
+        lines.append(f"clipped    : {summary['segments_clipped']} segment(s) ran past the end of their file; {verb} "
                      "what exists (--segment_overrun clip)")
     for k, v in summary["outputs"].items():
         lines.append(f"{k:<11}: {v}")
