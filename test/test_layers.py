@@ -65,6 +65,14 @@ def test_bare_import_of_the_espnet_backend_is_light():
     assert "spk_toolkit.backends.espnet.model" in got  # the package really loaded its parts
 
 
+def test_listing_the_registries_imports_no_espnet():
+    """available_models() (and so every --help that lists backends) fills the registries without importing espnet2:
+    a machine without ESPnet lists and runs the other backends (the wheel's default job, test_packaging.py)."""
+    got = _run(_SNAPSHOT + "import json, spk_toolkit\nspk_toolkit.available_models()\nprint(json.dumps(snap()))")
+    assert not [m for m in got if m == "espnet2" or m.startswith("espnet2.")]
+    assert "spk_toolkit.features.kaldi" in got and "spk_toolkit.backends.resemblyzer" in got
+
+
 @pytest.mark.slow
 def test_loading_and_building_import_no_spk_toolkit_trainer():
     """Our checkpoint checks import no trainer at all; building a random x-vector model, embedding a batch and

@@ -446,8 +446,9 @@ def _import_all() -> None:
     from spk_toolkit.plugins import GROUPS, import_all
 
     import_all("spk_toolkit.backends", exclude=("base", "batch"), group=GROUPS["backends"])
-    # the feature cache runs the engine (a layer above) and registers nothing
-    import_all("spk_toolkit.features", exclude=("base", "cache"), group=GROUPS["features"])
+    # not extractors: the feature cache runs the engine (a layer above); features.espnet is ESPnet glue (it
+    # imports espnet2 and registers into ESPnet's own choices, when the ESPnet task or model loader asks)
+    import_all("spk_toolkit.features", exclude=("base", "cache", "espnet"), group=GROUPS["features"])
 
 
 def available_backends() -> list[str]:
