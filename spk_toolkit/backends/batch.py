@@ -9,13 +9,25 @@ non-finite policy (:func:`nonfinite_reason`) are the same everywhere.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Protocol
 
 import numpy as np
 import torch
 
-from spk_toolkit.backends.base import EmbeddingModel, OutputKind
 from spk_toolkit.data import Batch, bucket_batches
+
+#: an :class:`~spk_toolkit.backends.base.OutputKind` (``kind``, ``dtype``, ``shape``); this module does not import
+#: base.py, which calls it
+OutputKind = Any
+
+
+class BatchModel(Protocol):
+    """What :func:`compute_batch` needs of a model: an :class:`~spk_toolkit.backends.base.EmbeddingModel`, or
+    anything with ``sample_rate`` (Hz) and ``compute(wav (B, T), lengths (B,)) -> {name: output}``."""
+
+    sample_rate: int
+
+    def compute(self, wav: torch.Tensor, lengths: torch.Tensor) -> Dict[str, Any]: ...
 
 __all__ = ["BatchOptions", "eval_crops", "chunk_bounds", "compute_batch", "nonfinite_reason", "stored_kinds"]
 
@@ -71,7 +83,7 @@ def stored_kinds(kinds: Mapping[str, OutputKind], opts) -> Dict[str, OutputKind]
     """What one utterance's row of each output is after :func:`compute_batch`: with crops not averaged, a vector
     output of shape ``(*shape)`` becomes ``(n_crops, *shape)``; otherwise ``kinds`` unchanged."""
     if opts.crops and not opts.average_crops:
-        return {n: OutputKind(k.kind, k.dtype, (opts.crops, *k.shape)) for n, k in kinds.items()}
+        return {n: dataclasses.replace(k, shape=(opts.crops, *k.shape)) for n, k in kinds.items()}
     return dict(kinds)
 
 
@@ -143,14 +155,14 @@ def nonfinite_reason(values: Mapping[str, np.ndarray]) -> Optional[str]:
     return f"model produced a non-finite {' and '.join(bad)}" if bad else None
 
 
-def compute_batch(model: EmbeddingModel, kinds: Dict[str, OutputKind], batch: Batch, opts
+def compute_batch(model: BatchModel, kinds: Dict[str, OutputKind], batch: Batch, opts
                   ) -> Dict[str, List[np.ndarray]]:
     """Every output of ``model`` for one padded batch, cut per utterance.
 
     Parameters
     ----------
-    model : EmbeddingModel
-        Anything with ``compute(wav, lengths)`` and ``sample_rate`` (Hz).
+    model : BatchModel
+        An ``EmbeddingModel``, or anything with ``compute(wav, lengths)`` and ``sample_rate`` (Hz).
     kinds : dict
         ``model.output_kinds()``.
     batch : Batch
@@ -200,7 +212,7 @@ def _vector_only(kinds: Mapping[str, OutputKind], option: str) -> None:
         raise ValueError(f"--{option} applies to vector outputs (embeddings) only")
 
 
-def _cropped_batch(model: EmbeddingModel, kinds: Dict[str, OutputKind], batch: Batch, opts
+def _cropped_batch(model: BatchModel, kinds: Dict[str, OutputKind], batch: Batch, opts
                    ) -> Dict[str, List[np.ndarray]]:
     """:func:`compute_batch` with ``crops``: every crop of the batch, in forwards of at most ``batch_bins``."""
     _vector_only(kinds, "crops")
@@ -224,7 +236,7 @@ def _cropped_batch(model: EmbeddingModel, kinds: Dict[str, OutputKind], batch: B
     return out
 
 
-def _chunked_batch(model: EmbeddingModel, kinds: Dict[str, OutputKind], batch: Batch, opts
+def _chunked_batch(model: BatchModel, kinds: Dict[str, OutputKind], batch: Batch, opts
                    ) -> Dict[str, List[np.ndarray]]:
     """:func:`compute_batch` with ``max_chunk_duration``: long utterances as length-weighted means of chunks."""
     _vector_only(kinds, "max_chunk_duration")
