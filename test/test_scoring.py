@@ -127,7 +127,7 @@ def test_missing_and_drop():
 
 
 def test_scores_identical_across_trial_formats(tmp_path):
-    from test_trials import ENR, TST, write_all_formats
+    from trials_helpers import ENR, TST, write_all_formats
 
     rng = np.random.default_rng(0)
     emb = {k: rng.standard_normal(8) for k in set(ENR + TST)}

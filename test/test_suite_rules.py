@@ -99,3 +99,14 @@ def test_every_engine_unit_has_a_direct_test(unit):
     CLI)."""
     texts = [p.read_text(encoding="utf-8") for d in ("engine", "backends") for p in (HERE / d).glob("test_*.py")]
     assert any(f"{unit}(" in t for t in texts), unit
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in ``test/*_helpers.py`` (on sys.path from test/conftest.py), never in a ``test_*.py``:
+    pytest puts a test file's folder on sys.path only once it collected a file there, so ``from test_x import``
+    works in the whole suite and fails when the importing file runs alone (an order-dependent test)."""
+    import re
+
+    pattern = re.compile(r"^\s*(from|import)\s+test_\w+", re.M)
+    offenders = [str(p.relative_to(HERE)) for p in HERE.rglob("*.py") if pattern.search(p.read_text(encoding="utf-8"))]
+    assert not offenders, offenders
