@@ -493,8 +493,25 @@ def score(
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     np_dtype = np.dtype(dtype)
-    # every trial list is read and checked before anything is loaded or written (a bad row names file:line)
+    if asnorm_top_n is not None and (isinstance(asnorm_top_n, bool) or not isinstance(asnorm_top_n, (int, np.integer))
+                                     or asnorm_top_n < 0):
+        raise ValueError(f"asnorm_top_n must be None or 0 (S-norm, the whole cohort) or an integer >= 1 (AS-norm "
+                         f"top-N), got {asnorm_top_n!r}")
+    top_n = None if not asnorm_top_n else int(asnorm_top_n)
+    # every input is read and checked before anything is written or logged (a bad row names file:line; a run
+    # refused here leaves no output directory and no run.log behind)
     lists = [read_trials(t, trials_format, duplicates=duplicates) for t in trials]
+    emb = load_embeddings(embeddings, average_crops=True)
+    ref = EmbeddingTable(load_embeddings(mean_embeddings, average_crops=True)) if mean_embeddings else None
+    cemb = load_embeddings(cohort, average_crops=True) if cohort else None
+    enroll = read_spk2utt(enroll_spk2utt) if enroll_spk2utt else None
+    c_utt2spk = read_utt2spk(cohort_utt2spk) if cohort and cohort_utt2spk else None
+    c_spk2utt = read_spk2utt(cohort_spk2utt) if cohort and cohort_spk2utt else None
+    if enroll is not None:
+        models = average_embeddings(emb, enroll)
+    if cemb is not None and (c_utt2spk is not None or c_spk2utt is not None):
+        cemb = speaker_means(cemb, utt2spk=c_utt2spk, spk2utt=c_spk2utt)
+
     os.makedirs(output_dir, exist_ok=True)
     plots_skipped = None
     if plots:
@@ -504,35 +521,20 @@ def score(
         if plots_skipped:
             log(f"plots skipped: {plots_skipped}")
             plots = False
-    emb = load_embeddings(embeddings, average_crops=True)
     log(f"embeddings: {len(emb)} from {embeddings}")
-    if enroll_spk2utt:
-        models = average_embeddings(emb, read_spk2utt(enroll_spk2utt))
+    if enroll is not None:
         clash = [k for k in models if k in emb]
         emb = dict(emb)
         emb.update(models)
         log(f"enrollment models: {len(models)} averaged from {enroll_spk2utt}"
             + (f" ({len(clash)} replace utterance keys of the same name)" if clash else ""))
     mean = None
-    if mean_embeddings:
-        ref = EmbeddingTable(load_embeddings(mean_embeddings, average_crops=True))
+    if ref is not None:
         mean = ref.matrix.mean(axis=0)
         log(f"mean subtraction: mean of {len(ref)} embeddings from {mean_embeddings}")
     cohort_mat = None
     norm = "cosine"
-    if asnorm_top_n is not None and (isinstance(asnorm_top_n, bool) or not isinstance(asnorm_top_n, (int, np.integer))
-                                     or asnorm_top_n < 0):
-        raise ValueError(f"asnorm_top_n must be None or 0 (S-norm, the whole cohort) or an integer >= 1 (AS-norm "
-                         f"top-N), got {asnorm_top_n!r}")
-    top_n = None if not asnorm_top_n else int(asnorm_top_n)
-    if cohort:
-        cemb = load_embeddings(cohort, average_crops=True)
-        if cohort_utt2spk or cohort_spk2utt:
-            cemb = speaker_means(
-                cemb,
-                utt2spk=read_utt2spk(cohort_utt2spk) if cohort_utt2spk else None,
-                spk2utt=read_spk2utt(cohort_spk2utt) if cohort_spk2utt else None,
-            )
+    if cemb is not None:
         cohort_mat = EmbeddingTable(cemb, np_dtype)
         norm = "snorm" if top_n is None or top_n >= len(cohort_mat) else f"asnorm(top_n={top_n})"
         log(f"cohort: {len(cohort_mat)} {'speaker means' if (cohort_utt2spk or cohort_spk2utt) else 'embeddings'}"

@@ -234,16 +234,16 @@ def _read_pairs(path: Path) -> List[List[str]]:
 
 
 def _write_cache_args(dump: Path, scp: Path, out: Path) -> dict:
-    import kaldiio
+    from spk_toolkit.io.scp import load_scp_array, read_scp_entries
 
-    entries = dict(_read_pairs(scp))
+    entries = dict(read_scp_entries(scp))
     shapes: Dict[str, str] = {}
 
     def entry(u: str) -> str:
         if u not in entries:
             raise KeyError(f"utterance {u!r} of {dump} is not in the cache {scp}")
         if u not in shapes:
-            shapes[u] = ",".join(str(d) for d in kaldiio.load_mat(entries[u]).shape)
+            shapes[u] = ",".join(str(d) for d in load_scp_array(entries[u]).shape)
         return entries[u]
 
     train = [u for u, _ in _read_pairs(dump / "train" / "speech_shape")]

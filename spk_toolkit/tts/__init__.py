@@ -34,7 +34,8 @@ from __future__ import annotations
 from spk_toolkit.tts.export import (  # noqa: F401
     SCP_PATHS, SPK_MEANS, TTSCorpus, TTSExport, TTSExportError, check_tag, export_tts, pt_path, remove_tts_outputs, tts_output_paths, write_pt_layout)
 from spk_toolkit.tts.espnet2 import (  # noqa: F401
-    default_options_of, extract_tts_embeddings, load_tts_corpus, read_keys, read_scp_entries)
+    default_options_of, extract_tts_embeddings, load_tts_corpus, read_keys)
+from spk_toolkit.io.scp import read_scp_entries  # noqa: F401  (the one scp reader, spk_toolkit.io.scp)
 from spk_toolkit.tts.espnet3 import (  # noqa: F401
     XVECTOR_KEYS, XVectorConfig, extract_espnet3_xvectors, load_manifest_corpus, read_espnet3_xvector_config, resolve_interpolations)
 from spk_toolkit.tts.scp import (  # noqa: F401

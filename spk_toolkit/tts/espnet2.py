@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from spk_toolkit.io.datadir import CorpusError, Utterance, load_kaldi_dir, read_spk2utt
 from spk_toolkit.tts.export import SCP_PATHS, SPK_MEANS, TTSCorpus, TTSExport, check_tag
@@ -37,34 +37,6 @@ def read_keys(path: str | os.PathLike) -> List[str]:
         seen[key] = n
         keys.append(key)
     return keys
-
-
-def read_scp_entries(path: str | os.PathLike) -> List[Tuple[str, str]]:
-    """``[(key, value), ...]`` of a Kaldi scp in file order (the value is the rest of the line, e.g. ``ark:offset``).
-
-    Read through :func:`spk_toolkit.io.textio.iter_lines` (UTF-8, a byte-order mark stripped, CRLF accepted,
-    blank lines skipped).
-
-    Raises
-    ------
-    CorpusError
-        A line without a value, or a key twice (names ``file:line`` and the key).
-    spk_toolkit.io.textio.TextFileError
-        The file cannot be read, or a line is not UTF-8.
-    """
-    from spk_toolkit.io.textio import iter_lines
-
-    rows: List[Tuple[str, str]] = []
-    seen: Dict[str, int] = {}
-    for n, line in iter_lines(path, what=Path(path).name):
-        fields = line.split(maxsplit=1)
-        if len(fields) != 2:
-            raise CorpusError(f"{path}:{n}: expected 'key value', got {line.strip()!r}")
-        if fields[0] in seen:
-            raise CorpusError(f"{path}:{n}: key {fields[0]!r} appears twice (first on line {seen[fields[0]]})")
-        seen[fields[0]] = n
-        rows.append((fields[0], fields[1].strip()))
-    return rows
 
 
 def load_tts_corpus(in_folder: str | os.PathLike) -> TTSCorpus:

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from spk_toolkit.tts.espnet2 import read_keys, read_scp_entries
+from spk_toolkit.io.scp import read_scp_entries
+from spk_toolkit.tts.espnet2 import read_keys
 
 logger = logging.getLogger(__name__)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
 from spk_toolkit.io.atomic import AtomicPath, commit_together
+from spk_toolkit.io.scp import load_scp_array, read_scp_entries, resolve_scp_entry
 from spk_toolkit.io.storage.base import Reader, Writer, _writable
 from spk_toolkit.io.storage.registry import register_storage
 
@@ -84,51 +84,9 @@ class KaldiArkWriter(Writer):
             self._scp.abort()
 
 
-def resolve_scp_entry(value: str, scp_dir: Path, cache: Optional[Dict[str, str]] = None) -> str:
-    """An scp value (``ark:offset``, ``ark:offset[slices]``, ``ark``, ``cmd |``) with a relative ark path resolved.
-
-    The ark is looked for relative to ``scp_dir``, then each parent of ``scp_dir`` (absolute), and the first
-    existing file wins; a pipe, an absolute path, or a relative path found nowhere is returned unchanged (then
-    resolved against the working directory when read, Kaldi's rule, and reported missing there).
-
-    Parameters
-    ----------
-    value : str
-        The scp entry's value.
-    scp_dir : Path
-        Directory of the scp.
-    cache : dict, optional
-        ``relative ark -> resolved ark`` of earlier entries (one look-up per ark file).
-
-    Returns
-    -------
-    str
-    """
-    v = value.strip()
-    if not v or v.endswith("|") or v.startswith("|"):
-        return value
-    ark, offset = v, ""
-    m = re.match(r"^(.*?):(\d+(\[[^\]]*\])*)$", v)
-    if m:
-        ark, offset = m.group(1), ":" + m.group(2)
-    if os.path.isabs(ark):
-        return value
-    if cache is not None and ark in cache:
-        return cache[ark] + offset
-    resolved = ark
-    base = Path(os.path.abspath(scp_dir))
-    for d in (base, *base.parents):
-        cand = d / ark
-        if cand.is_file():
-            resolved = str(cand)
-            break
-    if cache is not None:
-        cache[ark] = resolved
-    return resolved + offset
-
-
 class KaldiArkReader(Reader):
-    """Kaldi ``.scp`` (``kaldiio.load_scp``, lazy, file opened per access) or a bare ``.ark`` (indexed by
+    """Kaldi ``.scp`` (:func:`spk_toolkit.io.scp.read_scp_entries`, lazy, the ark opened per access; command and
+    standard-input entries refused, never run) or a bare ``.ark`` (indexed by
     one sequential scan that keeps offsets, not arrays). Arrays come back as kaldiio reads them (Kaldi float
     matrices/vectors, int32 vectors, compressed matrices as float32, numpy-in-ark with its own dtype), made
     writable. A relative ark path inside an scp resolves against the scp's own directory, then each of its
@@ -141,7 +99,8 @@ class KaldiArkReader(Reader):
     FileNotFoundError
         Missing file.
     ValueError
-        A malformed scp line, or a bare ark holding a key twice.
+        A malformed scp line, a key twice, a command entry (``cmd |``: :class:`spk_toolkit.io.datadir.CorpusError`,
+        ``file:line``), or a bare ark holding a key twice.
     """
 
     suffixes = (".scp", ".ark")
@@ -164,11 +123,9 @@ class KaldiArkReader(Reader):
                     self._offsets[key] = fd.tell()
                     kaldiio.matio.read_kaldi(fd)
         else:
-            self._scp = kaldiio.load_scp(str(self.path))
             found: Dict[str, str] = {}
-            d = self._scp._dict  # key -> "ark:offset[slices]" (kaldiio's LazyLoader)
-            for key, value in d.items():
-                d[key] = resolve_scp_entry(value, self.path.parent, found)
+            self._scp = {key: resolve_scp_entry(value, self.path.parent, found)
+                         for key, value in read_scp_entries(self.path)}
 
     @classmethod
     def find(cls, directory, stem="embeddings"):
@@ -177,7 +134,7 @@ class KaldiArkReader(Reader):
 
     def __getitem__(self, key: str) -> np.ndarray:
         if self._scp is not None:
-            return _writable(np.asarray(self._scp[key]))
+            return _writable(load_scp_array(self._scp[key]))
         import kaldiio
 
         off = self._offsets[key]
