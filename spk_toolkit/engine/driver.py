@@ -203,9 +203,45 @@ def extract(
         clear_exports(out, exports)
         with ex:
             summary = _drive(ex, utts, out, opts, t0)
-        return write_exports(out, summary, exports)  # still under the one lock
+        check_outcome(summary)  # before the exports: none is derived from a run that stored nothing
+        summary = write_exports(out, summary, exports)  # still under the one lock
+        check_outcome(summary)
     finally:
         lock.__exit__(None, None, None)
+    return summary
+
+
+def check_outcome(summary: dict) -> None:
+    """Refuse a run that stored nothing, or that did not write an output it was asked for (exit 1 in the CLIs).
+
+    Kaldi's tools exit 1 when no utterance succeeded; so does every command here. ``summary.json`` and
+    ``errors.tsv`` are written first, so the reasons can be read.
+
+    Parameters
+    ----------
+    summary : dict
+        What :func:`spk_toolkit.engine.merge.merge` returned (``utterances``, ``embedded``, ``errors``,
+        ``outputs``, ``output_formats``).
+
+    Raises
+    ------
+    ExtractionError
+        No utterance was stored (the count and the first reason of ``errors.tsv`` named), or an output file
+        named in the summary is missing.
+    """
+    n, stored = int(summary.get("utterances", 0)), int(summary.get("embedded", 0))
+    outputs = summary.get("outputs", {})
+    if n and not stored:
+        from spk_toolkit.io.rundir import read_errors_tsv
+
+        errors_tsv = outputs.get("errors")
+        rows = read_errors_tsv(errors_tsv) if errors_tsv and Path(errors_tsv).is_file() else []
+        first = f" (first: {rows[0][0]!r}: {rows[0][2]})" if rows and len(rows[0]) > 2 else ""
+        raise ExtractionError(f"nothing was stored: all {n} utterance(s) failed; the reasons are in "
+                              f"{errors_tsv}{first}")
+    missing = [f"{k}: {v}" for k, v in outputs.items() if isinstance(v, str) and not Path(v).exists()]
+    if missing:
+        raise ExtractionError(f"outputs asked for were not written: {', '.join(missing[:5])}")
 
 
 def _drive(ex, data, out: Path, opts: ExtractOptions, t0: float) -> dict:

@@ -28,7 +28,17 @@ from spk_toolkit.io.textio import TextFileError, iter_lines, parse_seconds
 
 logger = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".sph")
+#: Extensions an audio tree takes without opening the file: what libsndfile (``soundfile.available_formats()``)
+#: decodes under its usual names. A file with another extension is opened once (``soundfile.info``) and taken when
+#: it decodes; :data:`NOT_AUDIO_EXTENSIONS` are skipped without opening (counted and listed in the log).
+AUDIO_EXTENSIONS = (".wav", ".wave", ".wavex", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".sph", ".nist", ".aif",
+                    ".aiff", ".aifc", ".au", ".snd", ".caf", ".w64", ".rf64", ".voc", ".paf", ".svx", ".ircam",
+                    ".htk", ".xi", ".sds", ".avr", ".wve", ".mpc")
+NOT_AUDIO_EXTENSIONS = (".txt", ".lab", ".json", ".jsonl", ".textgrid", ".csv", ".tsv", ".md", ".yaml", ".yml",
+                        ".npy", ".npz", ".pt", ".pth", ".lst", ".list", ".scp", ".ark", ".h5", ".log", ".xml",
+                        ".html", ".pdf", ".png", ".jpg", ".jpeg", ".zip", ".gz", ".tar", ".py", ".sh")
+#: At most this many skipped files are named one by one in the log (the counts are always complete).
+TREE_SKIPS_LISTED = 1000
 
 
 class CorpusError(ValueError):
@@ -310,31 +320,92 @@ def load_manifest_tsv(path: str | os.PathLike) -> List[Utterance]:
 
 
 def load_audio_tree(root: str | os.PathLike) -> List[Utterance]:
-    """Read ``root/<dataset>/<speaker>/<utt>.<ext>`` (3D-Speaker pipeline layout).
+    """Read every audio file under ``root``; the layout is ``root/<dataset>/<speaker>/<utt>.<ext>`` (3D-Speaker).
 
-    Keys are ``<dataset>/<speaker>/<utt>`` (extension stripped), sorted with ``LC_ALL=C`` order; speaker ids
-    are ``<dataset>/<speaker>`` so equal speaker names in two datasets stay apart.
+    Keys are the path below ``root`` without its extension (``<dataset>/<speaker>/<utt>``, deeper folders kept:
+    ``<dataset>/<speaker>/<sub>/<utt>``), sorted in ``LC_ALL=C`` order; speaker ids are ``<dataset>/<speaker>``, so
+    equal speaker names in two datasets stay apart. Nothing readable is left out silently: a file of
+    :data:`AUDIO_EXTENSIONS` is taken at any depth (one above the layout gets no speaker, and a warning counts
+    those), a file with another extension is taken when libsndfile opens it, and every file skipped (hidden,
+    :data:`NOT_AUDIO_EXTENSIONS`, not decodable) is counted per reason in one warning and named in the log.
+
+    Parameters
+    ----------
+    root : str or PathLike
+        The tree's root directory.
+
+    Returns
+    -------
+    list of Utterance
 
     Raises
     ------
     CorpusError
-        No audio found, or two files differing only in extension.
+        No audio found (the skipped files counted), or two files differing only in extension.
     """
     root = Path(root)
-    utts, seen = [], set()
-    for p in sorted(root.glob("*/*/*")):
-        if not p.is_file() or p.suffix.lower() not in AUDIO_EXTENSIONS:
-            continue
-        ds, spk = p.parent.parent.name, p.parent.name
-        key = f"{ds}/{spk}/{p.stem}"
-        if key in seen:
-            raise CorpusError(f"{root}: two audio files map to the same utterance key {key!r}")
-        seen.add(key)
-        utts.append(Utterance(key, str(p), spk_id=f"{ds}/{spk}", dataset=ds))
+    utts: List[Utterance] = []
+    seen: Dict[str, str] = {}
+    skipped: Dict[str, List[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(root).parts
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            why = _tree_skip_reason(p)
+            if why:
+                skipped.setdefault(why, []).append(str(p))
+                continue
+            parts = (*rel_dir, p.stem)
+            key = "/".join(parts)
+            if key in seen:
+                raise CorpusError(f"{root}: two audio files map to the same utterance key {key!r}: {seen[key]} and {p}")
+            seen[key] = str(p)
+            spk = f"{parts[0]}/{parts[1]}" if len(parts) >= 3 else None
+            utts.append(Utterance(key, str(p), spk_id=spk, dataset=parts[0] if len(parts) >= 2 else None))
+    _log_tree_skips(root, skipped, sum(u.spk_id is None for u in utts))
     if not utts:
-        raise CorpusError(f"{root}: no audio files found as <dataset>/<speaker>/<utt>.<ext>")
+        found = "; ".join(f"{len(v)} {k}" for k, v in sorted(skipped.items())) or "no files at all"
+        raise CorpusError(f"{root}: no audio files found (as <dataset>/<speaker>/<utt>.<ext>; skipped: {found})")
     utts.sort(key=lambda u: u.utt_id.encode())
     return utts
+
+
+def _tree_skip_reason(p: Path) -> Optional[str]:
+    """Why an audio tree leaves out file ``p`` (``None``: it is taken)."""
+    if p.name.startswith("."):
+        return "hidden"
+    if not p.is_file():
+        return "not a regular file"
+    ext = p.suffix.lower()
+    if ext in AUDIO_EXTENSIONS:
+        return None
+    if ext in NOT_AUDIO_EXTENSIONS:
+        return "not audio by extension"
+    import soundfile as sf
+
+    try:
+        sf.info(str(p))
+    except Exception:  # noqa: BLE001  (libsndfile's errors vary by file; any of them means "not decodable")
+        return "not decodable by libsndfile"
+    return None
+
+
+def _log_tree_skips(root: Path, skipped: Dict[str, List[str]], no_speaker: int) -> None:
+    if no_speaker:
+        logger.warning("%s: %d audio file(s) above <dataset>/<speaker>/ have no speaker id (embedded, left out of "
+                       "speaker means and trials)", root, no_speaker)
+    if not skipped:
+        return
+    logger.warning("%s: %d file(s) skipped: %s (each named in the log)", root, sum(map(len, skipped.values())),
+                   ", ".join(f"{len(v)} {k}" for k, v in sorted(skipped.items())))
+    listed = 0
+    for why, paths in sorted(skipped.items()):
+        for path in paths[:max(0, TREE_SKIPS_LISTED - listed)]:
+            logger.info("skipped (%s): %s", why, path)
+        listed += min(len(paths), max(0, TREE_SKIPS_LISTED - listed))
+    if listed < sum(map(len, skipped.values())):
+        logger.info("... and %d more skipped file(s)", sum(map(len, skipped.values())) - listed)
 
 
 def load_corpus(source: str | os.PathLike) -> List[Utterance]:

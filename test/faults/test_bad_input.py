@@ -159,8 +159,11 @@ def test_min_duration_guard(corpus, model, tmp_path):
     only = tmp_path / "d"
     only.mkdir()
     (only / "wav.scp").write_text(f"u_ok {d / 'ok.wav'}\n")
-    s = extract(only, tmp_path / "o", model=model, min_duration=1.5, num_workers=0, progress=False)
-    assert s["errors"] == 1 and "too short" in (tmp_path / "o" / "errors.tsv").read_text()
+    with pytest.raises(ExtractionError, match="nothing was stored"):  # the only utterance is too short
+        extract(only, tmp_path / "o", model=model, min_duration=1.5, num_workers=0, progress=False)
+    assert "u_ok" in (tmp_path / "o" / "errors.tsv").read_text() and "too short" in (tmp_path / "o" / "errors.tsv").read_text()
+    s = extract(only, tmp_path / "o", model=model, min_duration=0.5, num_workers=0, progress=False, overwrite=True)
+    assert (s["embedded"], s["errors"]) == (1, 0)
 
 
 class NaNModel(EmbeddingModel):

@@ -129,7 +129,8 @@ def parse_formats(spec: str | list) -> List[str]:
     Raises
     ------
     ValueError
-        Unknown format name (the message lists the registered names).
+        Unknown format name (the message lists the registered names), or no name at all (``""``, ``","``: a run
+        that would store nothing).
     """
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out: List[str] = []
@@ -138,6 +139,8 @@ def parse_formats(spec: str | list) -> List[str]:
             name = get_writer(str(s)).name
             if name not in out:
                 out.append(name)
+    if not out:
+        raise ValueError(f"no output format in {spec!r}: name at least one of {', '.join(sorted(WRITERS))}")
     return out
 
 
