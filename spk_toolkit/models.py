@@ -51,12 +51,11 @@ def unpack_model(archive: str | os.PathLike) -> Path:
     Raises
     ------
     ValueError
-        The archive holds absolute paths or ``..`` components (refused, nothing written outside the cache).
+        The archive holds absolute paths, ``..`` components, links or special files (refused, nothing written
+        outside the cache), or is not a readable zip or tar (named).
     """
     import shutil
-    import tarfile
     import tempfile
-    import zipfile
 
     archive = Path(archive)
     h = hashlib.sha256()
@@ -68,6 +67,26 @@ def unpack_model(archive: str | os.PathLike) -> Path:
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        _unpack_into(archive, tmp)
+        try:
+            os.replace(tmp, dst)
+        except OSError:  # another process unpacked it first
+            if not dst.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _unpack_into(archive: Path, tmp: Path) -> None:
+    """Extract ``archive`` into ``tmp``: members checked first, links and special files refused; a file that is not
+    a readable zip or tar (truncated, corrupt, another format) is a ``ValueError`` naming it."""
+    import tarfile
+    import zipfile
+    import zlib
+
     try:
         if archive.name.endswith(".zip"):
             with zipfile.ZipFile(archive) as z:
@@ -82,15 +101,9 @@ def unpack_model(archive: str | os.PathLike) -> Path:
                 if bad:
                     raise ValueError(f"{archive}: links or special files are not accepted in a model package: {bad[:3]}")
                 t.extractall(tmp)
-        try:
-            os.replace(tmp, dst)
-        except OSError:  # another process unpacked it first
-            if not dst.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise ValueError(f"{archive}: not a readable model package ({type(e).__name__}: {e}); unpack it or "
+                         "download it again") from None
 
 
 def _check_members(archive: Path, names) -> None:
@@ -119,7 +132,12 @@ def read_model_dir(d: str | os.PathLike) -> dict:
     metas = [d / "meta.yaml"] + sorted(d.glob("*/meta.yaml"))
     meta = next((m for m in metas if m.is_file()), None)
     if meta is not None:
-        info = yaml.safe_load(meta.read_text()) or {}
+        try:
+            info = yaml.safe_load(meta.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta}: not valid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{meta}: expected a mapping (yaml_files, files), got {type(info).__name__}")
         files = {**(info.get("yaml_files") or {}), **(info.get("files") or {})}
         out = {}
         for key in ("train_config", "model_file"):

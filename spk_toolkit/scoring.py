@@ -443,8 +443,9 @@ def score(
     ----------
     embeddings : str
         Embedding file or directory.
-    trials : sequence of str
-        Trial lists (any format of :func:`spk_toolkit.io.trials.read_trials`).
+    trials : sequence of str or Trials
+        Trial lists (any format of :func:`spk_toolkit.io.trials.read_trials`), or lists already read (a command
+        that reads them before its extraction, so a bad list is refused before any work).
     output_dir : str
     trials_format : str, default="auto"
     trials_root : str, optional
@@ -500,7 +501,9 @@ def score(
     top_n = None if not asnorm_top_n else int(asnorm_top_n)
     # every input is read and checked before anything is written or logged (a bad row names file:line; a run
     # refused here leaves no output directory and no run.log behind)
-    lists = [read_trials(t, trials_format, duplicates=duplicates) for t in trials]
+    from spk_toolkit.io.trials import Trials
+
+    lists = [t if isinstance(t, Trials) else read_trials(t, trials_format, duplicates=duplicates) for t in trials]
     emb = load_embeddings(embeddings, average_crops=True)
     ref = EmbeddingTable(load_embeddings(mean_embeddings, average_crops=True)) if mean_embeddings else None
     cemb = load_embeddings(cohort, average_crops=True) if cohort else None
@@ -544,7 +547,7 @@ def score(
     if plots_skipped:
         result["plots_skipped"] = plots_skipped
     taken: set = set()
-    for tpath, tr in zip(trials, lists):
+    for tpath, tr in zip([t.path if isinstance(t, Trials) else t for t in trials], lists):
         name = _unique_name(tr.name, taken)
         for n in tr.notes:
             log(f"[{name}] {n}")

@@ -471,11 +471,16 @@ def load_model(toolkit: str = "resemblyzer", **kwargs) -> EmbeddingModel:
     Raises
     ------
     ValueError
-        If ``toolkit`` is not registered; the message lists the registered names.
+        If ``toolkit`` is not registered (the message lists the registered names); a ``device`` that is
+        misspelt or not on this machine (:func:`spk_toolkit.backends.device.check_device`).
     """
     _import_all()
     if toolkit not in BACKENDS:
         raise ValueError(f"unknown toolkit {toolkit!r}; registered: {', '.join(sorted(BACKENDS))}")
+    if kwargs.get("device") is not None:
+        from spk_toolkit.backends.device import check_device
+
+        kwargs["device"] = check_device(kwargs["device"])  # one line for a device that is not here, never torch's
     return BACKENDS[toolkit](**kwargs)
 
 

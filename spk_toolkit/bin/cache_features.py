@@ -51,7 +51,7 @@ def yaml_mapping(value) -> dict:
     try:
         obj = yaml.safe_load(value) if value else {}
     except yaml.YAMLError as e:
-        raise argparse.ArgumentTypeError(f"not valid YAML: {e}") from None
+        raise argparse.ArgumentTypeError(f"not valid YAML: {' '.join(str(e).split())}") from None
     if obj is None:
         return {}
     if not isinstance(obj, dict):
@@ -68,7 +68,7 @@ def _extractor_names() -> list:
 def get_parser() -> argparse.ArgumentParser:
     """The argparse parser (run options shared with ``spk_inference``; the extractor name is checked against the
     registry when the run starts; ``--help`` lists the registered extractors, plug-ins included)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="cache_features", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="Kaldi data dir, ESPnet3 manifest .tsv, or audio tree root")
     p.add_argument("--output_dir", required=True, help="the cache directory")
     registry_help(p.add_argument("--extractor", default="fbank", help="feature extractor"), _extractor_names)

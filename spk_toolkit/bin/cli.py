@@ -316,7 +316,8 @@ def add_extraction_options(p: argparse.ArgumentParser, output_format: str = "npz
     from spk_toolkit.parallel import executor_names
 
     d = ExtractOptions()
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (torchrun ranks use their local rank)")
+    p.add_argument("--device", default="cpu", type=device_type,
+                   help="cpu, cuda, cuda:N, auto (torchrun ranks use their local rank)")
     p.add_argument("--batch_bins", type=option_type("batch_bins", int), default=d.batch_bins, help="padded samples per batch (B*T)")
     p.add_argument("--num_workers", type=option_type("num_workers", int), default=d.num_workers, help="decoding DataLoader workers")
     registry_help(p.add_argument("--output_format", default=output_format, type=option_type("output_format", str),
@@ -352,6 +353,17 @@ def add_extraction_options(p: argparse.ArgumentParser, output_format: str = "npz
     add_verbosity(p)
 
 
+def device_type(text: str) -> str:
+    """The argparse ``type`` of ``--device``: :func:`spk_toolkit.backends.device.parse_device` (spelling only; the
+    device's presence is checked before the corpus is read), its message as argparse's."""
+    from spk_toolkit.backends.device import parse_device
+
+    try:
+        return parse_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def extraction_options(args: argparse.Namespace) -> dict:
     """The :class:`spk_toolkit.engine.ExtractOptions` fields of :func:`add_extraction_options` from parsed args."""
     return dict(batch_bins=args.batch_bins, num_workers=args.num_workers, output_format=args.output_format,
@@ -376,6 +388,10 @@ def choose_executor(executor, parallel, prog: str) -> str:
         logging.getLogger(prog).info("torchrun launch detected (rank %d of %d, local rank %d): executor torchrun",
                                      launch["rank"], launch["world_size"], launch["local_rank"])
         return "torchrun"
+    if parallel is not None:  # checked before any work (a YAML error names file:line:column)
+        from spk_toolkit.parallel.dask import load_parallel_config
+
+        load_parallel_config(parallel)
     return executor or ("dask" if parallel else "inprocess")
 
 
@@ -413,8 +429,8 @@ class Terminated(KeyboardInterrupt):
     """Raised in the main thread on SIGTERM while :func:`run_cli` runs (cleans up as Ctrl-C does)."""
 
 
-def exit_code(exc: BaseException) -> Optional[int]:
-    """The exit code of an expected failure, or None for an unexpected one (a bug: it keeps its traceback).
+def exit_code(exc: BaseException) -> int:
+    """The exit code of :data:`EXIT_CODES` for any exception (every failure of a command maps to one).
 
     Parameters
     ----------
@@ -422,12 +438,17 @@ def exit_code(exc: BaseException) -> Optional[int]:
 
     Returns
     -------
-    int or None
-        :data:`EXIT_TERMINATED`, :data:`EXIT_INTERRUPTED`, :data:`EXIT_FAILED` (``ExtractionError``),
-        :data:`EXIT_OUTPUT` (an ``OSError`` other than a missing input file, or the output-side check),
-        :data:`EXIT_USAGE` (``ValueError`` and its subclasses: corpus, trial, embedding, option errors;
-        ``FileNotFoundError`` of an input), None otherwise.
+    int
+        :data:`EXIT_TERMINATED`, :data:`EXIT_INTERRUPTED`; :data:`EXIT_OUTPUT` (an ``OSError`` other than a
+        missing input file, or the output-side check); :data:`EXIT_USAGE` (``ValueError`` and its subclasses:
+        corpus, trial, embedding, option errors; ``FileNotFoundError`` of an input; a YAML file that does not
+        parse; a model package that is not a zip or tar); :data:`EXIT_FAILED` for everything else
+        (``ExtractionError``, and any unexpected error: its traceback goes to ``run.log`` and, with ``-v``, to
+        stderr).
     """
+    import tarfile
+    import zipfile
+
     from spk_toolkit.engine.options import ExtractionError
     from spk_toolkit.io.preflight import OutputDirError
 
@@ -443,9 +464,28 @@ def exit_code(exc: BaseException) -> Optional[int]:
         return EXIT_USAGE
     if isinstance(exc, OSError):
         return EXIT_OUTPUT
-    if isinstance(exc, (ValueError, ImportError)):
+    if isinstance(exc, (ValueError, ImportError, zipfile.BadZipFile, tarfile.TarError)) or _is_yaml_error(exc):
         return EXIT_USAGE
-    return None
+    return EXIT_FAILED
+
+
+def _is_yaml_error(exc: BaseException) -> bool:
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - PyYAML is a dependency
+        return False
+    return isinstance(exc, yaml.YAMLError)
+
+
+def is_expected(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure the toolkit reports by design (an input, output, run or signal), not a bug."""
+    import tarfile
+    import zipfile
+
+    from spk_toolkit.engine.options import ExtractionError
+
+    return isinstance(exc, (KeyboardInterrupt, ExtractionError, OSError, ValueError, ImportError, zipfile.BadZipFile,
+                            tarfile.TarError)) or _is_yaml_error(exc)
 
 
 def describe_exception(exc: BaseException, output_dir=None) -> str:
@@ -472,7 +512,33 @@ def describe_exception(exc: BaseException, output_dir=None) -> str:
     text = str(exc)
     if isinstance(exc, FileNotFoundError) and exc.filename is not None and exc.strerror:
         text = describe_oserror(exc)
-    return " ".join(text.split()) if "\n" not in text.strip() else text.strip().splitlines()[0]
+    if _is_yaml_error(exc):
+        text = _describe_yaml_error(exc)
+    line = " ".join(text.split()) if "\n" not in text.strip() else text.strip().splitlines()[0]
+    if not is_expected(exc):
+        line = (f"unexpected {type(exc).__name__}: {line or '(no message)'} (a bug: the traceback is in run.log, "
+                "or rerun with -v)")
+    return line
+
+
+def _describe_yaml_error(exc) -> str:
+    """``file:line:column: problem`` of a PyYAML error (its own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or type(exc).__name__
+    if mark is None:
+        return f"YAML error: {problem}"
+    return f"{mark.name}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({problem})"
+
+
+def _traceback_to_run_log(prog: str, exc: BaseException, always: bool) -> None:
+    """Write ``exc``'s traceback to ``run.log`` only (not stderr): when the log is open already, or ``always``
+    (an unexpected error; a refused input that has not written anything yet leaves no run.log behind)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return
+    for h in logging.getLogger().handlers:
+        if isinstance(h, RunLogHandler) and (always or h.stream is not None):
+            h.handle(logging.LogRecord(prog, logging.ERROR, __file__, 0, "%s: %s", (type(exc).__name__, exc),
+                                       (type(exc), exc, exc.__traceback__)))
 
 
 def run_cli(prog: str, body: Callable[[], int], verbose: int = 0, output_dir=None) -> int:
@@ -499,8 +565,10 @@ def run_cli(prog: str, body: Callable[[], int], verbose: int = 0, output_dir=Non
 
     Raises
     ------
-    BaseException
-        Unexpected exceptions (bugs) propagate with their traceback; ``SystemExit`` passes through.
+    SystemExit
+        Passes through (argparse's usage errors). Every other exception becomes one line and an exit code
+        (:func:`exit_code`); the traceback of an unexpected one is written to ``run.log``, and with ``-v`` to
+        stderr.
     """
     import signal
     import threading
@@ -514,10 +582,11 @@ def run_cli(prog: str, body: Callable[[], int], verbose: int = 0, output_dir=Non
         prev = signal.signal(signal.SIGTERM, on_term)
     try:
         return body()
-    except BaseException as e:  # noqa: B902 - classified below, re-raised when unexpected
-        code = exit_code(e)
-        if code is None or isinstance(e, SystemExit):
+    except BaseException as e:  # noqa: B902 - every failure becomes one line and an exit code
+        if isinstance(e, SystemExit):
             raise
+        code = exit_code(e)
+        _traceback_to_run_log(prog, e, always=not is_expected(e))
         if verbose >= 1:
             traceback.print_exc(file=sys.stderr)
         print(f"{prog}: error: {describe_exception(e, output_dir)}", file=sys.stderr)

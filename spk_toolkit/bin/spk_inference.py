@@ -48,7 +48,7 @@ def get_parser() -> argparse.ArgumentParser:
     from spk_toolkit.engine import ExtractOptions
 
     d = ExtractOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="spk_inference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="Kaldi data dir, ESPnet3 manifest .tsv, or audio tree root")
     p.add_argument("--output_dir", required=True)
     registry_help(p.add_argument("--toolkit", default="resemblyzer",
@@ -102,6 +102,11 @@ def _run(args, argv) -> int:
     elif args.toolkit == "espnet":
         model_kwargs.update(train_config=args.train_config, model_file=args.model_file, model_tag=args.model_tag)
     executor = choose_executor(args.executor, args.parallel, "spk_inference")
+    trials = None
+    if args.trials:  # read and checked before the corpus is extracted: a bad trial list costs no extraction
+        from spk_toolkit.io.trials import read_trials
+
+        trials = [read_trials(t, args.trials_format) for t in args.trials]
     summary = spk_toolkit.extract_embeddings(
         args.data_dir, args.output_dir, toolkit=toolkit, model_kwargs=model_kwargs,
         executor=executor, parallel=args.parallel, **extraction_options(args),
@@ -126,7 +131,7 @@ def _run(args, argv) -> int:
         # a trial list naming utterances without an embedding is an input error (exit 2, count and examples)
         from spk_toolkit.io.rundir import RunDir
 
-        result = score(emb_path, args.trials, RunDir(args.output_dir).scores_dir, trials_format=args.trials_format,
+        result = score(emb_path, trials, RunDir(args.output_dir).scores_dir, trials_format=args.trials_format,
                        log=echo(log, args.quiet))
         table = format_table(result)
         log.info("scores:\n%s", table)

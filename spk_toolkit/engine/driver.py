@@ -185,6 +185,11 @@ def extract(
     opts = ExtractOptions(**options)
     t0 = time.perf_counter()
     out = Path(output_dir)
+    device = (model_kwargs or {}).get("device")
+    if model is None and device is not None and parallel is None and executor in (None, "inprocess", "torchrun"):
+        from spk_toolkit.backends.device import check_device
+
+        check_device(device)  # a device that is not here fails before the corpus is read (Dask workers: their own)
     utts = read_corpus(data)  # a malformed corpus fails here: no model loaded, nothing written
     ex = make_executor(executor, parallel, toolkit=toolkit, model=model, model_kwargs=model_kwargs)
     if not ex.is_driver:

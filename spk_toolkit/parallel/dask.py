@@ -48,14 +48,27 @@ def load_parallel_config(cfg: Union[str, os.PathLike, dict]) -> dict:
     Raises
     ------
     ValueError
-        Unknown ``env``, ``n_workers`` < 1, unknown keys (names the file).
+        Not valid YAML (``file:line:column``), not a mapping, unknown ``env``, ``n_workers`` not an integer >= 1,
+        ``options`` not a mapping, unknown keys (names the file).
+    OSError
+        The file cannot be read.
     """
     src = str(cfg) if not isinstance(cfg, dict) else "<dict>"
     if not isinstance(cfg, dict):
         import yaml
 
-        with open(cfg) as f:
-            cfg = yaml.safe_load(f) or {}
+        try:
+            with open(cfg, encoding="utf-8-sig") as f:
+                cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{src}:{mark.line + 1}:{mark.column + 1}" if mark is not None else src
+            raise ValueError(f"{where}: the parallel config is not valid YAML ({getattr(e, 'problem', None) or e})") \
+                from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{src}: the parallel config is not UTF-8 text ({e.reason})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{src}: a parallel config is a mapping (env, n_workers, options), got {type(cfg).__name__}")
     if "parallel" in cfg and isinstance(cfg["parallel"], dict):
         cfg = cfg["parallel"]
     unknown = sorted(set(cfg) - {"env", "n_workers", "options"})
@@ -64,10 +77,13 @@ def load_parallel_config(cfg: Union[str, os.PathLike, dict]) -> dict:
     env = cfg.get("env", "local")
     if env not in ENVS:
         raise ValueError(f"{src}: env must be one of {ENVS}, got {env!r}")
-    n = int(cfg.get("n_workers", 1))
-    if n < 1:
-        raise ValueError(f"{src}: n_workers must be >= 1, got {n}")
-    return {"env": env, "n_workers": n, "options": dict(cfg.get("options") or {})}
+    n = cfg.get("n_workers", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{src}: n_workers must be an integer >= 1, got {n!r}")
+    options = cfg.get("options") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{src}: options must be a mapping of cluster arguments, got {options!r}")
+    return {"env": env, "n_workers": n, "options": dict(options)}
 
 
 def _import(name: str):
