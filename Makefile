@@ -17,17 +17,20 @@ demo: setup data  # extract + score (EER, minDCF, DET plot under exp/demo/scores
 # docs/testing.md: the layout, the rules, how to run one folder and how to replay a seed
 # two pytest-xdist workers, one test file each at a time (module fixtures are built once); the heaviest files first
 XDIST := -n 2 --dist loadfile
+# one intra-op thread per process: two xdist workers (and the CLIs they start) on two cores, never oversubscribed
+# (torch's default of one thread per core in each worker made the suite ~1.6x slower, docs/testing.md)
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 test: setup data  # the whole suite, files in order (what CI runs: .ci/run)
-	$(PY) -m pytest -q -ra -p no:randomly $(XDIST) test
+	$(TEST_ENV) $(PY) -m pytest -q -ra -p no:randomly $(XDIST) test
 
 test-fast: setup data  # after each step: everything but the `slow` integration tests
-	$(PY) -m pytest -q -ra -p no:randomly $(XDIST) -m "not slow" test
+	$(TEST_ENV) $(PY) -m pytest -q -ra -p no:randomly $(XDIST) -m "not slow" test
 
 test-shuffled: setup data  # the whole suite in a random order (pytest-randomly; replay: SEED=<printed seed>)
 	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
 	echo "test order seed $$seed (replay: make test-shuffled SEED=$$seed)"; \
-	$(PY) -m pytest -q -ra $(XDIST) -p randomly --randomly-seed=$$seed test
+	$(TEST_ENV) $(PY) -m pytest -q -ra $(XDIST) -p randomly --randomly-seed=$$seed test
 
 bench: setup data  # the 2-core CPU command of docs/benchmarks.md (issue 2, criterion 6)
 	$(PY) bench/extract_throughput.py --toolkit espnet --train_config conf/model_ecapa.yaml \
