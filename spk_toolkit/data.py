@@ -252,7 +252,96 @@ class TaggedBatchDataset(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, k):
-        return collate([self.dataset[i] for i in self.batches[k]], self.tags[k])
+        batch = collate([self.dataset[i] for i in self.batches[k]], self.tags[k])
+        if torch.utils.data.get_worker_info() is not None:
+            _worker_fault("batch")
+            # Into shared memory here, synchronously: when /dev/shm is full or the file-size limit is reached the
+            # error is raised in __getitem__ and reaches the driver (which names it); moved later by the queue's
+            # feeder thread, the same error is only printed there and the driver waits for the batch forever.
+            batch.wav.share_memory_()
+            batch.lengths.share_memory_()
+        return batch
+
+
+#: Test-only: a fault a decoding worker injects into itself (``fsize``: a 4 KiB file-size limit, as a full
+#: ``/dev/shm``; ``kill[:N]``: SIGKILL itself at its N-th batch (default 1), as the OOM killer). Read only in
+#: DataLoader workers.
+WORKER_FAULT_ENV = "SPK_TOOLKIT_FAULT_WORKER"
+_worker_batches = [0]
+
+
+def _worker_fault(moment: str) -> None:
+    fault = os.environ.get(WORKER_FAULT_ENV)
+    if not fault:
+        return
+    if fault == "fsize" and moment == "init":
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    elif fault.split(":")[0] == "kill" and moment == "batch":
+        import signal
+
+        _worker_batches[0] += 1
+        if _worker_batches[0] >= int(fault.split(":")[1] if ":" in fault else 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_failure(exc: BaseException) -> Optional[str]:
+    """The one-line cause of a DataLoader failure that is a decoding worker's, not an utterance's, or ``None``.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What iterating the DataLoader raised.
+
+    Returns
+    -------
+    str or None
+        ``decoding worker (pid N) was killed by signal SIGKILL ...``, ``... exited unexpectedly``, or
+        ``a decoding worker could not put a batch into shared memory ...`` (``/dev/shm`` full, the file-size limit);
+        ``None`` for anything else.
+    """
+    import re
+
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "DataLoader worker" not in text:
+        return None
+    pid = re.search(r"\(pids?\(?s?\)? ?([\d, ]+)\)", text)
+    who = f"decoding worker (pid {pid.group(1).strip()})" if pid else "a decoding worker"
+    killed = re.search(r"killed by signal: ?([^.]+)", text)
+    hint = "finished shards are kept: rerun to resume (fewer --num_workers or a smaller --batch_bins use less memory)"
+    if killed:
+        return f"{who} was killed by signal {killed.group(1).strip()} (the OOM killer does this when memory runs out); {hint}"
+    if "exited unexpectedly" in text:
+        return f"{who} exited unexpectedly; {hint}"
+    if any(m in text for m in ("unable to resize file", "No space left on device", "File too large",
+                               "unable to write to file", "unable to mmap")):
+        last = [ln.strip() for ln in text.strip().splitlines() if ln.strip()][-1]
+        return (f"a decoding worker could not put a batch into shared memory (/dev/shm full, or the file-size limit "
+                f"reached): {last}; free /dev/shm (or use --num_workers 0), then rerun to resume")
+    last = [ln.strip() for ln in text.strip().splitlines() if ln.strip()][-1]
+    return f"a decoding worker failed: {last}; {hint}"
+
+
+class _CheckedLoader:
+    """Iterates a DataLoader; a decoding worker's death or failure becomes one :class:`ExtractionError` line."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        from spk_toolkit.errors import ExtractionError
+
+        try:
+            yield from self.loader
+        except RuntimeError as e:
+            why = worker_failure(e)
+            if why is None:
+                raise
+            raise ExtractionError(why) from None
 
 
 def _worker_init(_):
@@ -263,6 +352,7 @@ def _worker_init(_):
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_fault("init")
     torch.set_num_threads(1)
     try:
         os.nice(5)
@@ -271,9 +361,16 @@ def _worker_init(_):
 
 
 def batch_loader(dataset: UtteranceDataset, batches, tags=None, num_workers: int = 1, prefetch_factor: int = 4):
-    """A DataLoader yielding :class:`Batch` objects in the order of ``batches`` (workers decode ahead)."""
+    """A DataLoader yielding :class:`Batch` objects in the order of ``batches`` (workers decode ahead).
+
+    Raises
+    ------
+    spk_toolkit.errors.ExtractionError
+        While iterating: a decoding worker was killed (SIGKILL, the OOM killer), exited, or could not put its batch
+        into shared memory (:func:`worker_failure` names the cause in one line).
+    """
     ds = TaggedBatchDataset(dataset, batches, tags)
     kw = dict(num_workers=num_workers, batch_size=None, shuffle=False, collate_fn=lambda b: b)
     if num_workers > 0:
         kw.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
-    return torch.utils.data.DataLoader(ds, **kw)
+    return _CheckedLoader(torch.utils.data.DataLoader(ds, **kw))

@@ -469,6 +469,12 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_FAILED
 
 
+def _worker_failure(exc: BaseException):
+    from spk_toolkit.data import worker_failure
+
+    return worker_failure(exc)
+
+
 def _is_yaml_error(exc: BaseException) -> bool:
     try:
         import yaml
@@ -485,7 +491,7 @@ def is_expected(exc: BaseException) -> bool:
     from spk_toolkit.engine.options import ExtractionError
 
     return isinstance(exc, (KeyboardInterrupt, ExtractionError, OSError, ValueError, ImportError, zipfile.BadZipFile,
-                            tarfile.TarError)) or _is_yaml_error(exc)
+                            tarfile.TarError)) or _is_yaml_error(exc) or _worker_failure(exc) is not None
 
 
 def describe_exception(exc: BaseException, output_dir=None) -> str:
@@ -514,6 +520,8 @@ def describe_exception(exc: BaseException, output_dir=None) -> str:
         text = describe_oserror(exc)
     if _is_yaml_error(exc):
         text = _describe_yaml_error(exc)
+    if _worker_failure(exc) is not None:  # torch raises a worker's death from its SIGCHLD handler, anywhere
+        text = _worker_failure(exc)
     line = " ".join(text.split()) if "\n" not in text.strip() else text.strip().splitlines()[0]
     if not is_expected(exc):
         line = (f"unexpected {type(exc).__name__}: {line or '(no message)'} (a bug: the traceback is in run.log, "
