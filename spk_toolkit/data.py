@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 from typing import Callable, List, Optional, Sequence
 
@@ -344,6 +345,18 @@ class _CheckedLoader:
             raise ExtractionError(why) from None
 
 
+def _quiet_when_the_driver_is_gone(exc_type, exc, tb):
+    """A decoding worker's ``sys.excepthook``: silent for the connection errors of a driver that went away.
+
+    multiprocessing's resource sharer (which hands the driver the worker's shared-memory file descriptors) reports
+    a failed hand-over through ``sys.excepthook``; when the driver was stopped (SIGTERM, Ctrl-C) mid-hand-over that
+    is a ``ConnectionResetError`` / ``BrokenPipeError`` / ``EOFError`` traceback on the terminal after the driver's
+    one line. Anything else is reported as usual."""
+    if issubclass(exc_type, (ConnectionError, EOFError)):
+        return
+    sys.__excepthook__(exc_type, exc, tb)
+
+
 def _worker_init(_):
     # One thread per decoding worker, at lower CPU priority: decoding runs ahead of the model (prefetch), so it
     # should use the model's idle slack rather than preempt the model's threads on a small CPU box.
@@ -352,6 +365,7 @@ def _worker_init(_):
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _quiet_when_the_driver_is_gone
     _worker_fault("init")
     torch.set_num_threads(1)
     try:

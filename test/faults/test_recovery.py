@@ -113,3 +113,55 @@ def test_sigkill_at_every_stage_then_resume_is_bit_identical(subset, tmp_path):
     keys = [key for z in sorted((out / "shards").glob("shard-*.npz")) for key in read_shard(z, int(z.stem[6:])).keys]
     assert sorted(keys) == sorted(want) and len(keys) == len(set(keys))
     assert not [p for p in (out / "shards").iterdir() if is_temporary(p.name)]  # partial shards were cleaned up
+
+
+def _moments(rng, shards, done: int) -> str:
+    """A fault point the next run reaches for sure, given ``done`` committed shards (one utterance per batch)."""
+    rest = shards[done:]
+    inner = sum(len(s) - 1 for s in rest)
+    choices = ["startup"]
+    if rest:  # small steps, so most of the 20 moments fall inside or between shards
+        choices += ["shard_committed:1"]
+        if inner:
+            choices += [f"batch_consumed:{rng.randint(1, min(inner, 2))}"] * 2
+    else:
+        choices += ["shards_done", "merge_output:1"]
+    return rng.choice(choices)
+
+
+@pytest.mark.slow
+def test_sigterm_at_20_random_moments_exit_143_one_line_and_the_rerun_is_bit_identical(subset, tmp_path):
+    """SIGTERM at 20 moments drawn from a printed seed (replay: ``SPK_TEST_SEED``), with a decoding worker running,
+    each run resuming the previous one: every time exit 143 and exactly one stderr line (no stray traceback from a
+    child process); the final rerun equals an uninterrupted run bit for bit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cmd(out):
+        return [*cli(subset, out), "--num_workers", "1"]  # the last --num_workers wins
+
+    ref = tmp_path / "ref"
+    r = subprocess.run(cmd(ref), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shards = json.loads((ref / "plan.json").read_text())["shards"]
+    rng, seed = test_rng("sigterm")
+    out = tmp_path / "run"
+    moments = []
+    for _ in range(20):
+        done = n_shard_files(out)
+        point = _moments(rng, shards, done)
+        proc = start_until(cmd(out), point, tmp_path, env=env, cwd=ROOT)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+        err = Path(proc.stderr_path).read_text(errors="replace")
+        moments.append((point, done, proc.returncode))
+        assert proc.returncode == 143, (moments, seed, err)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert lines == ["spk_inference: error: terminated (SIGTERM); finished shards are kept: rerun the same "
+                         "command to resume"], (moments, seed, err)
+    print("moments:", moments)
+    p = subprocess.run(cmd(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for name in ("embeddings.npz", "spk_embeddings.npz"):
+        got, want = load_npz(out / name), load_npz(ref / name)
+        assert list(got) == list(want) and all(got[k].tobytes() == want[k].tobytes() for k in want), (name, seed)
+    assert (out / "embeddings.ark").read_bytes() == (ref / "embeddings.ark").read_bytes()
