@@ -265,8 +265,8 @@ class TaggedBatchDataset(torch.utils.data.Dataset):
 
 
 #: Test-only: a fault a decoding worker injects into itself (``fsize``: a 4 KiB file-size limit, as a full
-#: ``/dev/shm``; ``kill[:N]``: SIGKILL itself at its N-th batch (default 1), as the OOM killer). Read only in
-#: DataLoader workers.
+#: ``/dev/shm``; ``kill[:N]``: SIGKILL itself at its N-th batch (default 1), as the OOM killer; ``stall[:N]``: block
+#: forever at its N-th batch, as a hung read). Read only in DataLoader workers.
 WORKER_FAULT_ENV = "SPK_TOOLKIT_FAULT_WORKER"
 _worker_batches = [0]
 
@@ -279,11 +279,14 @@ def _worker_fault(moment: str) -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    elif fault.split(":")[0] == "kill" and moment == "batch":
+    elif fault.split(":")[0] in ("kill", "stall") and moment == "batch":
         import signal
 
         _worker_batches[0] += 1
         if _worker_batches[0] >= int(fault.split(":")[1] if ":" in fault else 1):
+            if fault.startswith("stall"):
+                while True:  # a read that never returns
+                    signal.pause()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -305,6 +308,10 @@ def worker_failure(exc: BaseException) -> Optional[str]:
     import re
 
     text = str(exc)
+    stalled = re.match(r"DataLoader timed out after ([\d.]+) seconds", text) if isinstance(exc, RuntimeError) else None
+    if stalled:
+        return (f"no batch from the decoding workers for {stalled.group(1)} s (a stalled read or a hung worker; "
+                "--worker_timeout sets the bound); finished shards are kept: rerun to resume")
     if not isinstance(exc, RuntimeError) or "DataLoader worker" not in text:
         return None
     pid = re.search(r"\(pids?\(?s?\)? ?([\d, ]+)\)", text)
@@ -374,17 +381,25 @@ def _worker_init(_):
         pass
 
 
-def batch_loader(dataset: UtteranceDataset, batches, tags=None, num_workers: int = 1, prefetch_factor: int = 4):
+def batch_loader(dataset: UtteranceDataset, batches, tags=None, num_workers: int = 1, prefetch_factor: int = 4,
+                 worker_timeout: float = 0.0):
     """A DataLoader yielding :class:`Batch` objects in the order of ``batches`` (workers decode ahead).
+
+    Parameters
+    ----------
+    worker_timeout : float
+        With workers, seconds to wait for the next batch before giving up (the watchdog of a stalled worker;
+        0 = no limit).
 
     Raises
     ------
     spk_toolkit.errors.ExtractionError
-        While iterating: a decoding worker was killed (SIGKILL, the OOM killer), exited, or could not put its batch
-        into shared memory (:func:`worker_failure` names the cause in one line).
+        While iterating: a decoding worker was killed (SIGKILL, the OOM killer), exited, stalled past
+        ``worker_timeout`` or could not put its batch into shared memory (:func:`worker_failure` names the cause).
     """
     ds = TaggedBatchDataset(dataset, batches, tags)
     kw = dict(num_workers=num_workers, batch_size=None, shuffle=False, collate_fn=lambda b: b)
     if num_workers > 0:
-        kw.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
+        kw.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False,
+                  timeout=float(worker_timeout or 0))
     return _CheckedLoader(torch.utils.data.DataLoader(ds, **kw))

@@ -345,6 +345,8 @@ def add_extraction_options(p: argparse.ArgumentParser, output_format: str = "npz
                    help="seconds one audio header read of the planning pass may take")
     p.add_argument("--pipe_timeout", type=option_type("pipe_timeout"), default=d.pipe_timeout,
                    help="seconds a wav.scp 'cmd |' pipe may run before it is killed")
+    p.add_argument("--worker_timeout", type=option_type("worker_timeout"), default=d.worker_timeout,
+                   help="seconds without a batch from the decoding workers before the run stops (0 = no limit)")
     p.add_argument("--max_chunk_duration", type=option_type("max_chunk_duration"), default=d.max_chunk_duration,
                    help="0 = whole utterances; S = embed utterances longer than S seconds in equal chunks of at most "
                         "S s and store the length-weighted mean (bounds model memory; changes long embeddings)")
@@ -372,6 +374,7 @@ def extraction_options(args: argparse.Namespace) -> dict:
                 progress=args.progress and not getattr(args, "quiet", False), torch_threads=args.torch_threads, model_streams=args.model_streams,
                 lock_timeout=args.lock_timeout, segment_overrun=args.segment_overrun,
                 header_timeout=args.header_timeout, pipe_timeout=args.pipe_timeout,
+                worker_timeout=args.worker_timeout,
                 max_chunk_duration=args.max_chunk_duration, output_stem=args.output_stem)
 
 

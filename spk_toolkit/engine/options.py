@@ -79,6 +79,10 @@ class ExtractOptions:
         utterance is then an error (``header read timed out``). Special files are refused without being opened.
     pipe_timeout : float
         Seconds a ``wav.scp`` pipe command may run before it is killed with everything it started.
+    worker_timeout : float
+        The decoding workers' watchdog: seconds the driver waits for the next batch from its DataLoader workers
+        before it stops the run (exit 1, one line; committed shards kept). Default 900 s, above ``pipe_timeout``
+        plus ``header_timeout`` so a slow pipe is not mistaken for a stalled worker; 0 = wait forever.
     max_chunk_duration : float
         0 (default) = every utterance goes through the model whole. ``S > 0``: an utterance longer than ``S``
         seconds is cut into ``ceil(T / S)`` equal consecutive chunks, each embedded on its own (in forwards of at
@@ -117,6 +121,7 @@ class ExtractOptions:
     segment_overrun: str = "error"
     header_timeout: float = 30.0
     pipe_timeout: float = 600.0
+    worker_timeout: float = 900.0
     max_chunk_duration: float = 0.0
     output_stem: str = "embeddings"
     writer_options: Dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -143,6 +148,7 @@ class ExtractOptions:
             raise ValueError(f"segment_overrun must be 'error' or 'clip', got {self.segment_overrun!r}")
         _check_float("header_timeout", self.header_timeout, 0.0, strict=True)
         _check_float("pipe_timeout", self.pipe_timeout, 0.0, strict=True)
+        _check_float("worker_timeout", self.worker_timeout, 0.0, strict=False)
         _check_float("max_chunk_duration", self.max_chunk_duration, 0.0, strict=False)
         st = self.output_stem
         if not isinstance(st, str) or not st or "/" in st or os.sep in st or st.startswith(".") \
@@ -183,7 +189,7 @@ class ExtractOptions:
     def output_affecting(self) -> dict:
         """The options that change what is stored for an utterance (part of every shard's fingerprint).
 
-        ``batch_bins``, ``num_workers``, ``model_streams`` and ``torch_threads`` are absent on purpose: outputs do not
+        ``batch_bins``, ``num_workers``, ``model_streams``, ``torch_threads`` and ``worker_timeout`` are absent on purpose: outputs do not
         depend on the batch (DESIGN.md property 1).
         """
         d = {"min_duration": float(self.min_duration), "allow_pipes": bool(self.allow_pipes)}

@@ -150,14 +150,16 @@ def batch_outputs(ds: UtteranceDataset, batches: List[List[int]], tags: List[int
     """
     with stream_threads(opts.torch_threads, opts.model_streams):
         if opts.model_streams == 1:
-            for batch in batch_loader(ds, batches, tags, num_workers=opts.num_workers):
+            for batch in batch_loader(ds, batches, tags, num_workers=opts.num_workers,
+                                      worker_timeout=opts.worker_timeout):
                 yield batch, compute(batch)
             return
         if opts.num_workers > 0:
             def loaded_job(b: Batch):
                 return b, compute(b)
 
-            jobs = ((loaded_job, b) for b in batch_loader(ds, batches, tags, num_workers=opts.num_workers))
+            jobs = ((loaded_job, b) for b in batch_loader(ds, batches, tags, num_workers=opts.num_workers,
+                                                          worker_timeout=opts.worker_timeout))
         else:
             in_stream = TaggedBatchDataset(ds, batches, tags)
 
