@@ -15,8 +15,9 @@ demo: setup data  # extract + score (EER, minDCF, DET plot under exp/demo/scores
 	    --data_dir $(DATA)/fillets_demo --output_dir exp/demo --trials $(DATA)/fillets_demo_trials.txt
 
 # docs/testing.md: the layout, the rules, how to run one folder and how to replay a seed
-# two pytest-xdist workers, one test file each at a time (module fixtures are built once); the heaviest files first
-XDIST := -n 2 --dist loadfile
+# three pytest-xdist workers on two cores (much of the suite waits on subprocesses: CLI start-up, torchrun and Dask
+# rendezvous, fault points), one test file each at a time (module fixtures are built once); the heaviest files first
+XDIST := -n 3 --dist loadfile
 # one intra-op thread per process: two xdist workers (and the CLIs they start) on two cores, never oversubscribed
 # (torch's default of one thread per core in each worker made the suite ~1.6x slower, docs/testing.md)
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

@@ -26,8 +26,9 @@ def _fail_skip_in_ci(rep) -> None:
 
 
 #: the files that take longest, started first so two xdist workers (make test) finish together (docs/testing.md)
-HEAVY_FIRST = ("test_packaging.py", "engine/test_output_dir.py", "train/test_spk_trainer.py", "e2e/test_tts_recipe.py",
-               "faults/test_recovery.py", "features/test_cache.py", "bin/test_cli_conventions.py")
+HEAVY_FIRST = ("test_packaging.py", "faults/test_recovery.py", "engine/test_output_dir.py", "train/test_spk_trainer.py",
+               "e2e/test_tts_recipe.py", "features/test_cache.py", "faults/test_worker_death.py",
+               "bin/test_cli_conventions.py", "faults/test_one_line.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
