@@ -74,3 +74,24 @@ def start_until(cmd, point: str, tmp_path: Path, env=None, cwd=None) -> subproce
         time.sleep(0.02)
     proc.stderr_path = err
     return proc
+
+
+def cli_in_process(main, argv) -> tuple:
+    """``(exit code, stderr)`` of a CLI's ``main(argv)`` run in this process (argparse's ``SystemExit`` included;
+    stdout discarded). The run's ``run.log`` handler is closed afterwards, so runs do not log into each other."""
+    import contextlib
+    import io
+    import logging
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if type(h).__name__ == "RunLogHandler":
+            root.removeHandler(h)
+            h.close()
+    return rc, err.getvalue()

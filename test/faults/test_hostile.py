@@ -7,7 +7,6 @@ after the fix resumes to the result of a clean run. The FIFO and Ctrl-C cases ru
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import json
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from faults_helpers import cli_in_process as cli
 from faults_helpers import start_until
 
 from spk_toolkit.bin import spk_inference, spk_score
@@ -38,15 +38,6 @@ ROOT = os.geteuid() == 0
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def cli(main, argv) -> tuple:
-    """``(exit code, stderr)`` of an in-process CLI run (argparse's SystemExit included)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-    return rc, err.getvalue()
 
 
 def last_line(stderr: str) -> str:

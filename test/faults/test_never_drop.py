@@ -7,13 +7,12 @@ any work (exit 2).
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faults_helpers import cli_in_process as _cli
 
 from spk_toolkit.bin.cli import EXIT_FAILED, EXIT_USAGE
 from spk_toolkit.testing import load_npz, write_wav
@@ -21,14 +20,6 @@ from spk_toolkit.testing import load_npz, write_wav
 FAST = ["--num_workers", "0", "--progress", "false"]
 
 
-def _cli(main, argv) -> tuple:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-    return rc, err.getvalue()
 
 
 def _lines(err: str) -> list:

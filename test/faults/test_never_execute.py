@@ -7,7 +7,6 @@ would create a marker file). Model packages never write outside their directory;
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import tarfile
 import zipfile
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faults_helpers import cli_in_process as _cli
 
 from spk_toolkit.bin.cli import EXIT_USAGE
 
@@ -28,14 +28,6 @@ FORMS = {
 }
 
 
-def _cli(main, argv) -> tuple:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-    return rc, err.getvalue()
 
 
 def _scp_with(tmp_path: Path, form: str, name: str = "emb.scp") -> tuple:

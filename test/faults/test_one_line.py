@@ -10,14 +10,12 @@ before the corpus is extracted, and an unexpected error turned into one line wit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
-import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faults_helpers import cli_in_process as _cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,19 +27,6 @@ COMMANDS = ("spk_inference", "spk_score", "cache_features", "extract_spk_embed",
 NOT_FUZZED = {"--help", "-h", "--help_espnet"}
 
 
-def _cli(main, argv) -> tuple:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
-    root = logging.getLogger()
-    for h in list(root.handlers):  # the run.log handler of this run (each run opens its own)
-        if type(h).__name__ == "RunLogHandler":
-            root.removeHandler(h)
-            h.close()
-    return rc, err.getvalue()
 
 
 @pytest.fixture(scope="module")
