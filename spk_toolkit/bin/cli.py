@@ -487,14 +487,13 @@ def _is_yaml_error(exc: BaseException) -> bool:
 
 
 def is_expected(exc: BaseException) -> bool:
-    """Whether ``exc`` is a failure the toolkit reports by design (an input, output, run or signal), not a bug."""
-    import tarfile
-    import zipfile
-
+    """Whether ``exc`` is a failure the toolkit reports by design (an input, output, run or signal), not a bug:
+    anything :func:`exit_code` does not put under "the run failed", plus ``ExtractionError`` and a decoding
+    worker's death (:func:`spk_toolkit.data.worker_failure`)."""
     from spk_toolkit.engine.options import ExtractionError
 
-    return isinstance(exc, (KeyboardInterrupt, ExtractionError, OSError, ValueError, ImportError, zipfile.BadZipFile,
-                            tarfile.TarError)) or _is_yaml_error(exc) or _worker_failure(exc) is not None
+    return (exit_code(exc) != EXIT_FAILED or isinstance(exc, ExtractionError)
+            or _worker_failure(exc) is not None)
 
 
 def describe_exception(exc: BaseException, output_dir=None) -> str:
